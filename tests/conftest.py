@@ -1,0 +1,60 @@
+"""Tiny timm ViTs covering every token layout vitlens must handle; built in-process, no downloads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer
+
+# name -> (class, kwargs). Widths of 48 with 3 heads (head dim 16) keep every test fast.
+_BASE = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5)
+VIT_FIXTURES: dict[str, tuple[type, dict]] = {
+    "cls": (VisionTransformer, dict(_BASE)),
+    "reg": (VisionTransformer, dict(_BASE, reg_tokens=4)),
+    "reg_no_embed_class": (VisionTransformer, dict(_BASE, reg_tokens=4, no_embed_class=True)),
+    "distilled": (VisionTransformerDistilled, dict(_BASE)),
+    "gap": (VisionTransformer, dict(_BASE, class_token=False, global_pool="avg")),
+    "nonsquare": (VisionTransformer, dict(_BASE, img_size=(32, 48))),
+    "layerscale": (VisionTransformer, dict(_BASE, img_size=28, patch_size=14, init_values=1e-5, qk_norm=True)),
+}
+
+
+def make_vit(name: str, seed: int = 0) -> torch.nn.Module:
+    """A fixture model with non-trivial weights (random pos/prefix embeddings, layer scale away from 1e-5)."""
+    cls, kwargs = VIT_FIXTURES[name]
+    torch.manual_seed(seed)
+    model = cls(**kwargs).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("gamma"):  # layer scale: make the residual branches matter
+                p.uniform_(0.5, 1.0)
+            if pname in ("pos_embed", "cls_token", "reg_token", "dist_token"):
+                p.normal_(0, 0.5)
+    return model
+
+
+@pytest.fixture(params=list(VIT_FIXTURES))
+def fixture_name(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_vit(fixture_name):
+    """(name, timm model) for every fixture layout."""
+    return fixture_name, make_vit(fixture_name)
+
+
+def input_for(model: torch.nn.Module, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    h, w = model.patch_embed.img_size
+    c = model.patch_embed.proj.weight.shape[1]
+    return torch.randn(batch, c, h, w, generator=g)
+
+
+def native_kwargs(name: str) -> dict:
+    """Loader options a fixture needs (non-square grids cannot be read from a state dict alone)."""
+    out: dict = {"num_heads": 3, "device": "cpu"}
+    if name == "nonsquare":
+        out["img_size"] = "32,48"
+    return out

@@ -1,0 +1,173 @@
+"""Attention rollout (Abnar & Zuidema 2020; ViT paper App. D.8) against the formula written out with numpy loops."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from vitlens.analysis import RolloutAccumulator, attention_rollout, cls_attention_per_head, rollout_layer_matrix
+from vitlens.errors import UsageError, VitlensError
+from vitlens.layout import TokenLayout
+
+# cls + 2 registers in front of a 3 x 4 patch grid.
+LAYOUT = TokenLayout(grid_size=(3, 4), patch_size=(16, 16), prefix_kinds=("cls", "reg", "reg"))
+P, HW, N = 3, 12, 15
+
+
+def random_layers(num_layers: int = 4, b: int = 2, heads: int = 3, n: int = N, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(b, heads, n, n, generator=g, dtype=torch.float64) * 2).softmax(-1) for _ in range(num_layers)]
+
+
+def reference_rollout(layers, head_fusion, discard_ratio, start_layer, target_row):
+    """The rollout formula, one image at a time: fuse, discard, A + I, divide each row by its sum, R = A @ R."""
+    b = layers[0].shape[0]
+    maps = []
+    for img in range(b):
+        r = np.eye(N)
+        for attn in layers[start_layer:]:
+            a_heads = attn[img].numpy()  # [heads, N, N]
+            fused = {"mean": np.mean, "max": np.max, "min": np.min}[head_fusion](a_heads, axis=0)
+            k = int(discard_ratio * HW * HW)
+            if k:
+                block = fused[P:, P:].copy().ravel()
+                block[np.argsort(block)[:k]] = 0.0
+                fused[P:, P:] = block.reshape(HW, HW)
+            a = fused + np.eye(N)
+            for i in range(N):
+                a[i] = a[i] / a[i].sum()
+            r = a @ r
+        row = r[P:, P:].mean(axis=0) if target_row is None else r[target_row, P:]
+        maps.append((row / row.max()).reshape(3, 4))
+    return np.stack(maps)
+
+
+@pytest.mark.parametrize("head_fusion", ["mean", "max", "min"])
+@pytest.mark.parametrize("discard_ratio", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize(("target", "row"), [("cls", 0), ("reg:1", 2), ("mean-patch", None)])
+@pytest.mark.parametrize("start_layer", [0, 2])
+def test_matches_plain_formula(head_fusion, discard_ratio, target, row, start_layer):
+    layers = random_layers()
+    out = attention_rollout(
+        layers, LAYOUT, target=target, head_fusion=head_fusion, discard_ratio=discard_ratio, start_layer=start_layer
+    )
+    expected = reference_rollout(layers, head_fusion, discard_ratio, start_layer, row)
+    assert out.maps.shape == (2, 3, 4)
+    np.testing.assert_allclose(out.maps, expected, rtol=1e-10, atol=1e-12)
+    assert out.num_layers == 4 - start_layer and out.target == target
+
+
+def test_rows_are_normalised_over_keys():
+    layers = random_layers(num_layers=3)
+    acc = RolloutAccumulator(LAYOUT, discard_ratio=0.7)
+    for layer, attn in enumerate(layers):
+        acc.update(layer, attn)
+    np.testing.assert_allclose(acc.running.sum(-1).numpy(), 1.0, atol=1e-12)
+    a = rollout_layer_matrix(layers[0], LAYOUT)
+    expected = (layers[0].mean(1) + torch.eye(N)) / 2  # (A + I) / 2 for row-stochastic A, no discard
+    torch.testing.assert_close(a, expected)
+
+
+def test_discard_never_touches_prefix_rows_or_columns():
+    attn = random_layers(num_layers=1)[0]
+    kept = rollout_layer_matrix(attn, LAYOUT, discard_ratio=0.99)
+    full = rollout_layer_matrix(attn, LAYOUT, discard_ratio=0.0)
+    torch.testing.assert_close(kept[:, :P], full[:, :P])  # prefix rows: nothing discarded, same normalisation
+    # Patch rows lost patch weights, so they are rescaled, but their prefix columns keep their proportions.
+    to_prefix = kept[:, P:, :P]
+    assert torch.all(to_prefix > 0)
+    torch.testing.assert_close(
+        to_prefix / to_prefix.sum(-1, keepdim=True), full[:, P:, :P] / full[:, P:, :P].sum(-1, keepdim=True)
+    )
+    assert (kept[:, P:, P:] == 0).sum() >= 2 * (int(0.99 * HW * HW) - HW)  # most patch weights are gone
+
+
+def test_identity_attention():
+    eye = torch.eye(N, dtype=torch.float64).expand(2, 3, N, N)
+    cls = attention_rollout([eye, eye], LAYOUT, target="cls")
+    # The running product stays the identity: the class row has no weight on any patch, and the map stays all zero
+    # instead of being divided by its zero maximum.
+    assert np.all(cls.maps == 0) and np.all(cls.patch_mass == 0)
+    mean_patch = attention_rollout([eye, eye], LAYOUT, target="mean-patch")
+    np.testing.assert_allclose(mean_patch.maps, 1.0)
+    np.testing.assert_allclose(mean_patch.patch_mass, 1.0)  # patch rows of the identity keep all their weight
+
+
+def test_maps_scaled_to_max_one_and_json():
+    out = attention_rollout(random_layers(), LAYOUT)
+    np.testing.assert_allclose(out.maps.reshape(2, -1).max(axis=1), 1.0)
+    assert np.all((out.maps >= 0) & (out.maps <= 1))
+    d = json.loads(json.dumps(out.to_dict()))
+    assert d["head_fusion"] == "mean" and d["discard_ratio"] == 0.0 and d["grid_size"] == [3, 4]
+
+
+def test_streaming_equals_wrapper_and_skips_early_layers():
+    layers = random_layers()
+    acc = RolloutAccumulator(LAYOUT, head_fusion="max", start_layer=1)
+    for layer, attn in enumerate(layers):
+        acc.update(layer, attn)
+    wrapped = attention_rollout(layers, LAYOUT, head_fusion="max", start_layer=1, target="reg:0")
+    np.testing.assert_allclose(acc.result(target="reg:0").maps, wrapped.maps)
+    acc.reset()
+    with pytest.raises(VitlensError, match="nothing to roll out"):
+        acc.result()
+
+
+def test_cls_attention_per_head():
+    attn = random_layers(num_layers=1)[0]
+    out = cls_attention_per_head(attn, LAYOUT)
+    assert out.shape == (2, 3, 3, 4)
+    np.testing.assert_allclose(out, attn[:, :, 0, P:].numpy().reshape(2, 3, 3, 4))
+    reg = cls_attention_per_head(attn, LAYOUT, target="reg:1")
+    np.testing.assert_allclose(reg, attn[:, :, 2, P:].numpy().reshape(2, 3, 3, 4))
+    mean_patch = cls_attention_per_head(attn, LAYOUT, target="mean-patch")
+    np.testing.assert_allclose(mean_patch, attn[:, :, P:, P:].numpy().mean(axis=2).reshape(2, 3, 3, 4))
+
+
+def test_dist_token_and_no_prefix_layouts():
+    dist_layout = TokenLayout(grid_size=(2, 2), patch_size=(16, 16), prefix_kinds=("cls", "dist"))
+    attn = random_layers(num_layers=2, n=6)
+    out = attention_rollout(attn, dist_layout, target="dist")
+    assert out.maps.shape == (2, 2, 2)
+    gap_layout = TokenLayout(grid_size=(2, 3), patch_size=(16, 16), prefix_kinds=())
+    out = attention_rollout(random_layers(num_layers=2, n=6), gap_layout, target="mean-patch")
+    assert out.maps.shape == (2, 2, 3)
+    with pytest.raises(VitlensError, match="no 'cls' token; its targets are: mean-patch"):
+        attention_rollout(random_layers(num_layers=2, n=6), gap_layout)
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5])
+def test_discard_ratio_outside_range(ratio):
+    with pytest.raises(UsageError, match="discard_ratio"):
+        attention_rollout(random_layers(), LAYOUT, discard_ratio=ratio)
+    with pytest.raises(UsageError, match="discard_ratio"):
+        RolloutAccumulator(LAYOUT, discard_ratio=ratio)
+
+
+def test_target_errors():
+    layers = random_layers()
+    with pytest.raises(VitlensError, match="no 'dist' token; its targets are: cls, reg:0, reg:1, mean-patch"):
+        attention_rollout(layers, LAYOUT, target="dist")
+    with pytest.raises(VitlensError, match="no 'reg:2' token"):
+        attention_rollout(layers, LAYOUT, target="reg:2")
+    with pytest.raises(UsageError, match="unknown target"):
+        attention_rollout(layers, LAYOUT, target="register")
+
+
+def test_option_and_order_errors():
+    layers = random_layers()
+    with pytest.raises(UsageError, match="head_fusion"):
+        attention_rollout(layers, LAYOUT, head_fusion="median")
+    with pytest.raises(UsageError, match="start_layer"):
+        attention_rollout(layers, LAYOUT, start_layer=4)
+    with pytest.raises(UsageError, match="start_layer"):
+        RolloutAccumulator(LAYOUT, start_layer=-1)
+    acc = RolloutAccumulator(LAYOUT)
+    acc.update(0, layers[0])
+    with pytest.raises(VitlensError, match="expected layer 1, got 2"):
+        acc.update(2, layers[2])
+    with pytest.raises(VitlensError, match="batch size"):
+        acc.update(1, layers[1][:1])

@@ -1,0 +1,109 @@
+"""The CLI shell: instant help, one JSON object with --json, one red line and the right exit code on errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tests.conftest import make_vit
+from vitlens import __version__
+from vitlens.cli.app import app
+
+runner = CliRunner()
+
+
+def _one_line_error(result, code: int, needle: str) -> None:
+    assert result.exit_code == code, (result.exit_code, result.output)
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:") and needle in lines[0], lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_help_and_version_do_not_import_torch():
+    code = (
+        "import sys; from vitlens.cli.app import app\n"
+        "try:\n    app(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'timm', 'matplotlib', 'sklearn') if m in sys.modules]\n"
+        "print('HEAVY', heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.stdout.strip() == f"vitlens {__version__}"
+
+
+def test_analysis_modules_do_not_import_plotting_or_cli():
+    code = (
+        "import sys, vitlens.analysis, vitlens.models, vitlens.capture, vitlens.data\n"
+        "print('BAD', [m for m in ('matplotlib', 'typer', 'rich') if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "BAD []" in out
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    path = tmp_path / "tiny.pth"
+    torch.save(make_vit("reg").state_dict(), path)
+    return path
+
+
+def test_info_json_is_one_object(ckpt):
+    result = runner.invoke(app, ["info", str(ckpt), "--num-heads", "3", "--json", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)  # exactly one JSON object, nothing else on stdout
+    for key in (
+        "source arch num_params img_size patch_size grid_size num_prefix_tokens has_class_token num_reg_tokens "
+        "embed_dim depth num_heads in_chans num_classes mean std device"
+    ).split():
+        assert key in data, key
+    assert data["grid_size"] == [4, 4] and data["num_reg_tokens"] == 4 and data["num_prefix_tokens"] == 5
+    assert data["num_heads"] == 3 and data["depth"] == 2 and data["embed_dim"] == 48
+    assert data["meta"]["vitlens_version"] == __version__
+
+
+def test_info_table_says_what_was_guessed(tmp_path):
+    from timm.models.vision_transformer import VisionTransformer
+
+    wide = VisionTransformer(img_size=32, patch_size=16, embed_dim=192, depth=1, num_heads=3, num_classes=0)
+    torch.save(wide.state_dict(), tmp_path / "w.pth")
+    result = runner.invoke(app, ["info", str(tmp_path / "w.pth"), "--out", str(tmp_path / "o"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "grid_size" in result.stdout and "guessed num_heads" in result.stdout
+    facts = json.loads((tmp_path / "o" / "info.json").read_text())
+    assert facts["embed_dim"] == 192 and facts["num_heads"] == 3 and "num_heads" in facts["guessed"]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (["info", "/no/such/file.pth"], 1, "checkpoint not found"),
+        (["info", "{ckpt}", "--img-size", "abc"], 2, "--img-size"),
+        (["info", "{ckpt}", "--img-size", "30", "--num-heads", "3"], 2, "not divisible"),
+        (["info", "{ckpt}", "--device", "tpu"], 2, "unknown device"),
+        (["info", "{ckpt}", "--model-kwargs", "{bad"], 2, "--model-kwargs is not valid JSON"),
+        (["info", "{ckpt}", "--num-heads", "5"], 2, "does not divide"),
+        (["info", "not_a_model_name"], 1, "not a file and not a timm model name"),
+    ],
+)
+def test_user_errors_are_one_line(ckpt, args, code, needle):
+    args = [a.replace("{ckpt}", str(ckpt)) for a in args]
+    _one_line_error(runner.invoke(app, args), code, needle)
+
+
+def test_cuda_without_gpu_is_one_line(ckpt):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    _one_line_error(runner.invoke(app, ["info", str(ckpt), "--device", "cuda"]), 1, "CUDA is not available")
+
+
+def test_debug_keeps_traceback(ckpt, monkeypatch):
+    monkeypatch.setenv("VITLENS_DEBUG", "1")
+    result = runner.invoke(app, ["info", "/no/such/file.pth"])
+    assert result.exit_code != 0 and result.exception is not None

@@ -1,0 +1,212 @@
+"""Mean attention distance per layer and head: App. D.7 and Fig. 7 (right) of the ViT paper (Dosovitskiy et al. 2020).
+
+For one image, layer and head, the distance is ``mean_i sum_j a_ij * ||p_i - p_j||`` over patch queries ``i`` and patch
+keys ``j``, with ``p`` the patch centres in pixels: the paper's "attention distance", analogous to a CNN's receptive
+field size. Prefix tokens (class, distillation, registers) have no position, so they are neither queries nor keys; the
+mass patch queries give them is reported separately as ``prefix_mass``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from einops import einsum, rearrange
+
+from vitlens.analysis._common import as_f64, check_attention, compute_dtype, f64_device, to_numpy
+from vitlens.errors import UsageError, VitlensError
+from vitlens.layout import TokenLayout
+
+
+@dataclass(frozen=True)
+class AttentionDistance:
+    """Mean attention distance in pixels for every layer and head, averaged over images."""
+
+    distance_px: np.ndarray  # [L, heads] mean over images of the per-image mean attention distance
+    std_px: np.ndarray  # [L, heads] std over images (ddof=0) of the per-image mean attention distance
+    prefix_mass: np.ndarray  # [L, heads] mean attention weight patch queries give to all prefix tokens together
+    num_images: int  # images averaged over
+    renormalized: bool  # whether patch->patch weights were rescaled to sum to 1 per query
+    uniform_px: float  # distance uniform attention over all patches would give: the "no locality" reference
+    patch_size: tuple[int, int]  # (ph, pw) in pixels
+    grid_size: tuple[int, int]  # (H, W) in patches
+
+    def to_dict(self) -> dict:
+        return {
+            "distance_px": self.distance_px.tolist(),
+            "std_px": self.std_px.tolist(),
+            "prefix_mass": self.prefix_mass.tolist(),
+            "num_images": self.num_images,
+            "renormalized": self.renormalized,
+            "uniform_px": self.uniform_px,
+            "patch_size": list(self.patch_size),
+            "grid_size": list(self.grid_size),
+        }
+
+
+def patch_centres_px(layout: TokenLayout, *, device: torch.device | str | None = None) -> torch.Tensor:
+    """Pixel centre ``(y, x) = ((row + 0.5) ph, (col + 0.5) pw)`` of every patch in token order, ``[HW, 2]`` float64."""
+    (h, w), (ph, pw) = layout.grid_size, layout.patch_size
+    ys = (torch.arange(h, dtype=torch.float64, device=device) + 0.5) * ph  # [H]
+    xs = (torch.arange(w, dtype=torch.float64, device=device) + 0.5) * pw  # [W]
+    yy, xx = torch.meshgrid(ys, xs, indexing="ij")  # [H, W] each
+    return rearrange(torch.stack([yy, xx], dim=-1), "h w yx -> (h w) yx")  # [HW, 2], row-major like the tokens
+
+
+def patch_distances_px(
+    layout: TokenLayout, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """Euclidean distance in pixels between the centres of every pair of patches, ``[HW, HW]`` in token order."""
+    centres = patch_centres_px(layout, device=f64_device(torch.device(device or "cpu")))
+    diff = centres[:, None, :] - centres[None, :, :]  # [HW, HW, 2]
+    return diff.square().sum(-1).sqrt().to(dtype).to(device)  # [HW, HW], cast on the CPU for MPS
+
+
+def uniform_attention_distance_px(layout: TokenLayout) -> float:
+    """Mean distance when every patch query attends uniformly to all patches (itself included)."""
+    return float(patch_distances_px(layout).mean())
+
+
+def attention_distance_per_image(
+    attn: torch.Tensor, layout: TokenLayout, *, renormalize: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image mean attention distance and prefix mass of one layer, on the attention's device.
+
+    Args:
+        attn: one layer's post-softmax attention ``[B, heads, N, N]`` (rows are queries).
+        layout: the model's token layout.
+        renormalize: rescale each patch query's weights on patch keys to sum to 1 before averaging distances (see
+            :class:`AttentionDistanceAccumulator` for why this is the default). A query with no weight on any patch
+            contributes distance 0.
+
+    Returns:
+        ``(distance_px, prefix_mass)``, each ``[B, heads]``: distance averaged over patch queries, and the weight
+        patch queries give to prefix tokens, averaged over patch queries. At least float32 (float64 for float64
+        input).
+    """
+    check_attention(attn, layout)
+    dtype = compute_dtype(attn.dtype, attn.device)
+    rows = attn.detach()[:, :, layout.patch_slice]  # [B, heads, HW, N]: patch queries only
+    to_patches = rows[..., layout.patch_slice].to(dtype)  # [B, heads, HW, HW]
+    to_prefix = rows[..., layout.prefix_slice].to(dtype)  # [B, heads, HW, P]
+    dist = patch_distances_px(layout, device=attn.device, dtype=dtype)  # [HW, HW]
+
+    per_query = einsum(to_patches, dist, "b heads i j, i j -> b heads i")  # [B, heads, HW]
+    if renormalize:
+        per_query = per_query / to_patches.sum(-1).clamp_min(torch.finfo(dtype).tiny)
+    return per_query.mean(-1), to_prefix.sum(-1).mean(-1)
+
+
+class AttentionDistanceAccumulator:
+    """Streaming mean attention distance: feed it each layer's attention as batches go by, then ask for the result.
+
+    Each ``update`` reduces a batch at once to per-head sums, sums of squares and prefix-mass sums (float64, on the
+    attention's device; on the CPU for MPS), so the state is ``O(depth * heads)`` whatever the number of images and
+    no attention map is kept.
+
+    ``renormalize=True`` by default: models with registers or attention sinks put much of a patch query's weight on
+    prefix tokens, and without renormalisation that mass counts as distance 0, so the distance would shrink with sink
+    usage and confound "how far a head looks" with "how much it looks at the prefix" (reported separately as
+    ``prefix_mass``). The ViT paper's models have one class token that takes little weight, so the two choices give
+    nearly the same numbers there.
+    """
+
+    def __init__(self, layout: TokenLayout, *, depth: int, num_heads: int, renormalize: bool = True) -> None:
+        if depth < 1 or num_heads < 1:
+            raise UsageError(f"depth and num_heads must be positive, got depth={depth}, num_heads={num_heads}")
+        self.layout = layout
+        self.depth = depth
+        self.num_heads = num_heads
+        self.renormalize = renormalize
+        self._state: dict[str, torch.Tensor] | None = None  # created on the first update's device
+
+    def _init_state(self, device: torch.device) -> dict[str, torch.Tensor]:
+        shape = (self.depth, self.num_heads)
+        dev = f64_device(device)
+        return {
+            "distance_sum": torch.zeros(shape, dtype=torch.float64, device=dev),  # [L, heads] sum of per-image means
+            "distance_sq_sum": torch.zeros(shape, dtype=torch.float64, device=dev),  # [L, heads] sum of their squares
+            "prefix_mass_sum": torch.zeros(shape, dtype=torch.float64, device=dev),  # [L, heads]
+            "count": torch.zeros(self.depth, dtype=torch.int64, device=dev),  # [L] images seen by each layer
+        }
+
+    def update(self, layer: int, attn: torch.Tensor) -> None:
+        """Add one batch of layer ``layer``'s (0-based) post-softmax attention ``[B, heads, N, N]``."""
+        if not 0 <= layer < self.depth:
+            raise VitlensError(f"layer {layer} is outside the {self.depth} layers (0-based) this accumulator expects")
+        if attn.ndim == 4 and attn.shape[1] != self.num_heads:
+            raise VitlensError(f"layer {layer} has {attn.shape[1]} heads, expected {self.num_heads}")
+        distance, prefix_mass = attention_distance_per_image(attn, self.layout, renormalize=self.renormalize)
+        if self._state is None:
+            self._state = self._init_state(attn.device)
+        state = self._state
+        distance = as_f64(distance, state["count"].device)  # [B, heads]
+        prefix_mass = as_f64(prefix_mass, state["count"].device)  # [B, heads]
+        state["distance_sum"][layer] += distance.sum(0)
+        state["distance_sq_sum"][layer] += distance.square().sum(0)
+        state["prefix_mass_sum"][layer] += prefix_mass.sum(0)
+        state["count"][layer] += distance.shape[0]
+
+    @property
+    def images_per_layer(self) -> tuple[int, ...]:
+        """How many images each layer has seen so far."""
+        if self._state is None:
+            return (0,) * self.depth
+        return tuple(int(c) for c in self._state["count"].tolist())
+
+    @property
+    def num_images(self) -> int:
+        """Images seen by every layer (a forward pass in progress has updated only the first layers)."""
+        return min(self.images_per_layer)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The accumulator's whole state (empty before the first update); its size never depends on the images seen."""
+        return {} if self._state is None else dict(self._state)
+
+    def result(self) -> AttentionDistance:
+        """Averages over the images seen so far.
+
+        Raises:
+            VitlensError: no images were seen, or the layers saw different numbers of images.
+        """
+        counts = self.images_per_layer
+        if max(counts) == 0:
+            raise VitlensError("no attention was recorded: run at least one image through the model")
+        if min(counts) != max(counts):
+            raise VitlensError(f"layers saw different numbers of images ({', '.join(map(str, counts))})")
+        assert self._state is not None
+        n = counts[0]
+        mean = self._state["distance_sum"] / n
+        var = (self._state["distance_sq_sum"] / n - mean.square()).clamp_min(0.0)
+        return AttentionDistance(
+            distance_px=to_numpy(mean),
+            std_px=to_numpy(var.sqrt()),
+            prefix_mass=to_numpy(self._state["prefix_mass_sum"] / n),
+            num_images=n,
+            renormalized=self.renormalize,
+            uniform_px=uniform_attention_distance_px(self.layout),
+            patch_size=tuple(self.layout.patch_size),
+            grid_size=tuple(self.layout.grid_size),
+        )
+
+
+def mean_attention_distance(
+    attentions: Iterable[torch.Tensor], layout: TokenLayout, *, renormalize: bool = True
+) -> AttentionDistance:
+    """Mean attention distance of every layer from a list of per-layer attentions ``[B, heads, N, N]``, layer 0 first.
+
+    See :class:`AttentionDistanceAccumulator` for the definition and the ``renormalize`` default.
+    """
+    attentions = list(attentions)
+    if not attentions:
+        raise VitlensError("no attention was given: pass one [B, heads, N, N] tensor per layer")
+    for attn in attentions:
+        check_attention(attn, layout)
+    acc = AttentionDistanceAccumulator(
+        layout, depth=len(attentions), num_heads=attentions[0].shape[1], renormalize=renormalize
+    )
+    for layer, attn in enumerate(attentions):
+        acc.update(layer, attn)
+    return acc.result()

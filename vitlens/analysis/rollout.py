@@ -1,0 +1,251 @@
+"""Attention rollout (Abnar & Zuidema 2020), as used for Fig. 6 and App. D.8 of the ViT paper (Dosovitskiy et al. 2020).
+
+Each layer's heads are fused into one ``[N, N]`` matrix, optionally its weakest patch-to-patch weights are discarded,
+the residual connection is modelled by adding the identity and renormalising rows, and the layers are multiplied:
+``R = A_L @ ... @ A_start``. Row ``t`` of ``R`` says how much each input token contributes to token ``t`` at the top.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from einops import rearrange
+
+from vitlens.analysis._common import check_attention, compute_dtype, to_numpy
+from vitlens.errors import UsageError, VitlensError
+from vitlens.layout import TokenLayout
+
+HeadFusion = Literal["mean", "max", "min"]
+# What a map is read from: a prefix token's row ("cls", "dist", or "reg:N" for the N-th register, 0-based), or
+# "mean-patch", the mean of all patch tokens' rows (for models that pool patches instead of using a class token).
+RolloutTarget = Literal["cls", "dist", "mean-patch"] | str
+
+_REG = re.compile(r"reg:(\d+)")
+
+
+def _available_targets(layout: TokenLayout) -> str:
+    names = [
+        k if k != "reg" else f"reg:{layout.prefix_kinds[:i].count('reg')}" for i, k in enumerate(layout.prefix_kinds)
+    ]
+    return ", ".join([*names, "mean-patch"])
+
+
+def resolve_target(target: str, layout: TokenLayout) -> int | None:
+    """Sequence index of ``target``'s row, or ``None`` for ``"mean-patch"``.
+
+    Raises:
+        UsageError: ``target`` is not one of the accepted forms.
+        VitlensError: the model has no such token.
+    """
+    if target == "mean-patch":
+        return None
+    if target in ("cls", "dist"):
+        kind, n = target, 0
+    elif m := _REG.fullmatch(target):
+        kind, n = "reg", int(m.group(1))
+    else:
+        raise UsageError(f"unknown target '{target}': use cls, dist, reg:N or mean-patch")
+    try:
+        return layout.token_index(kind, n)
+    except KeyError:
+        raise VitlensError(f"model has no '{target}' token; its targets are: {_available_targets(layout)}") from None
+
+
+def _check_options(head_fusion: str, discard_ratio: float, start_layer: int) -> None:
+    if head_fusion not in ("mean", "max", "min"):
+        raise UsageError(f"unknown head_fusion '{head_fusion}': use mean, max or min")
+    if not 0.0 <= discard_ratio < 1.0:
+        raise UsageError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+    if start_layer < 0:
+        raise UsageError(f"start_layer must be 0 or more (0-based), got {start_layer}")
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """Rollout maps at patch resolution for a batch of images."""
+
+    maps: np.ndarray  # [B, H, W] the target row's weight on each patch, scaled so each map's max is 1 (all-zero kept)
+    patch_mass: np.ndarray  # [B] the target row's total weight on patch tokens before scaling (the rest is on prefix)
+    head_fusion: str
+    discard_ratio: float
+    start_layer: int  # first layer multiplied in (0-based)
+    num_layers: int  # how many layers were multiplied in
+    target: str
+    grid_size: tuple[int, int]
+
+    def to_dict(self) -> dict:
+        return {
+            "maps": self.maps.tolist(),
+            "patch_mass": self.patch_mass.tolist(),
+            "head_fusion": self.head_fusion,
+            "discard_ratio": self.discard_ratio,
+            "start_layer": self.start_layer,
+            "num_layers": self.num_layers,
+            "target": self.target,
+            "grid_size": list(self.grid_size),
+        }
+
+
+def fuse_heads(attn: torch.Tensor, head_fusion: HeadFusion) -> torch.Tensor:
+    """``[B, heads, N, N]`` -> ``[B, N, N]`` by the mean, max or min over heads."""
+    if head_fusion == "mean":
+        return attn.mean(dim=1)
+    if head_fusion == "max":
+        return attn.amax(dim=1)
+    if head_fusion == "min":
+        return attn.amin(dim=1)
+    raise UsageError(f"unknown head_fusion '{head_fusion}': use mean, max or min")
+
+
+def rollout_layer_matrix(
+    attn: torch.Tensor, layout: TokenLayout, *, head_fusion: HeadFusion = "mean", discard_ratio: float = 0.0
+) -> torch.Tensor:
+    """One layer's rollout factor ``[B, N, N]``: fused heads, discard, plus identity, rows renormalised to sum to 1.
+
+    The ``floor(discard_ratio * HW^2)`` smallest patch-to-patch weights of each image are set to 0; rows and columns
+    of prefix tokens are never discarded (the popular ``vit-explain`` script drops from the whole flattened matrix,
+    sparing only its first entry, so the class row's weights can be dropped too).
+    """
+    _check_options(head_fusion, discard_ratio, 0)
+    check_attention(attn, layout)
+    dtype = torch.float32 if attn.device.type == "mps" else torch.float64
+    fused = fuse_heads(attn.detach().to(dtype), head_fusion)  # [B, N, N]
+    n = fused.shape[-1]
+    hw = layout.num_patches
+    k = int(discard_ratio * hw * hw)
+    if k > 0:
+        ps = layout.patch_slice
+        block = rearrange(fused[:, ps, ps], "b i j -> b (i j)")  # [B, HW*HW] patch-to-patch weights
+        lowest = block.topk(k, dim=-1, largest=False).indices  # [B, k]
+        block = block.scatter(-1, lowest, 0.0)
+        fused = fused.clone()
+        fused[:, ps, ps] = rearrange(block, "b (i j) -> b i j", i=hw)
+    # The residual stream carries each token to itself: (A + I), rows renormalised, which is (A + I) / 2 for a
+    # row-stochastic A. The sum is over the last axis (the keys) with keepdim, so each *row* is divided by its own
+    # sum; dividing by a bare ``.sum(-1)`` broadcasts over columns instead, a bug in widespread rollout scripts.
+    a = fused + torch.eye(n, dtype=dtype, device=fused.device)  # [B, N, N]
+    return a / a.sum(dim=-1, keepdim=True)
+
+
+class RolloutAccumulator:
+    """Streaming rollout over the layers of one batch: keeps only the running product ``[B, N, N]``.
+
+    Call ``update(layer, attn)`` for layers in order; layers before ``start_layer`` are ignored. Use a new
+    accumulator (or ``reset()``) for each batch.
+    """
+
+    def __init__(
+        self,
+        layout: TokenLayout,
+        *,
+        head_fusion: HeadFusion = "mean",  # ViT paper App. D.8: "averaged attention weights ... across all heads"
+        discard_ratio: float = 0.0,  # ViT paper App. D.8 and Abnar & Zuidema 2020 discard nothing
+        start_layer: int = 0,
+    ) -> None:
+        _check_options(head_fusion, discard_ratio, start_layer)
+        self.layout = layout
+        self.head_fusion = head_fusion
+        self.discard_ratio = float(discard_ratio)
+        self.start_layer = start_layer
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the running product, ready for the next batch."""
+        self._running: torch.Tensor | None = None  # [B, N, N] A_l @ ... @ A_start
+        self.num_layers = 0  # layers multiplied in so far
+
+    def update(self, layer: int, attn: torch.Tensor) -> None:
+        """Multiply in layer ``layer``'s (0-based) post-softmax attention ``[B, heads, N, N]``."""
+        if layer < self.start_layer:
+            return
+        expected = self.start_layer + self.num_layers
+        if layer != expected:
+            raise VitlensError(f"rollout needs consecutive layers: expected layer {expected}, got {layer}")
+        a = rollout_layer_matrix(attn, self.layout, head_fusion=self.head_fusion, discard_ratio=self.discard_ratio)
+        if self._running is None:
+            self._running = a
+        else:
+            if a.shape[0] != self._running.shape[0]:
+                raise VitlensError(
+                    f"layer {layer} has batch size {a.shape[0]}, earlier layers {self._running.shape[0]}: "
+                    "use a new accumulator (or reset()) for each batch"
+                )
+            self._running = a @ self._running.to(a.device)  # each new layer multiplies from the left
+        self.num_layers += 1
+
+    @property
+    def running(self) -> torch.Tensor:
+        """The running product ``[B, N, N]`` so far (rows sum to 1)."""
+        if self._running is None:
+            raise VitlensError(f"no layer from start_layer {self.start_layer} on was given: nothing to roll out")
+        return self._running
+
+    def result(self, *, target: RolloutTarget = "cls") -> Rollout:
+        """Rollout maps read from ``target``'s row (see :data:`RolloutTarget`).
+
+        A map whose target row has no weight on any patch (e.g. identity attention, where the class token only ever
+        attends to itself) stays all zero instead of being scaled.
+        """
+        index = resolve_target(target, self.layout)
+        running = self.running
+        ps = self.layout.patch_slice
+        # [B, HW]: the target token's row, or the mean of the patch tokens' rows
+        weights = running[:, ps, ps].mean(dim=1) if index is None else running[:, index, ps]
+        peak = weights.amax(dim=-1, keepdim=True)  # [B, 1]
+        scaled = torch.where(peak > 0, weights / peak.clamp_min(torch.finfo(weights.dtype).tiny), 0.0)
+        h, w = self.layout.grid_size
+        return Rollout(
+            maps=to_numpy(rearrange(scaled, "b (h w) -> b h w", h=h, w=w)),  # [B, H, W]
+            patch_mass=to_numpy(weights.sum(dim=-1)),
+            head_fusion=self.head_fusion,
+            discard_ratio=self.discard_ratio,
+            start_layer=self.start_layer,
+            num_layers=self.num_layers,
+            target=target,
+            grid_size=(h, w),
+        )
+
+
+def attention_rollout(
+    attentions: Iterable[torch.Tensor],
+    layout: TokenLayout,
+    *,
+    target: RolloutTarget = "cls",
+    head_fusion: HeadFusion = "mean",
+    discard_ratio: float = 0.0,
+    start_layer: int = 0,
+) -> Rollout:
+    """Attention rollout of a list of per-layer attentions ``[B, heads, N, N]``, layer 0 first.
+
+    Raises:
+        UsageError: bad option, or ``start_layer`` past the last layer.
+        VitlensError: the model has no ``target`` token.
+    """
+    _check_options(head_fusion, discard_ratio, start_layer)
+    resolve_target(target, layout)  # fail before any work
+    attentions = list(attentions)
+    if start_layer >= len(attentions):
+        raise UsageError(f"start_layer {start_layer} is past the last of {len(attentions)} layers (0-based)")
+    acc = RolloutAccumulator(layout, head_fusion=head_fusion, discard_ratio=discard_ratio, start_layer=start_layer)
+    for layer, attn in enumerate(attentions):
+        acc.update(layer, attn)
+    return acc.result(target=target)
+
+
+def cls_attention_per_head(attn: torch.Tensor, layout: TokenLayout, *, target: RolloutTarget = "cls") -> np.ndarray:
+    """One layer's attention from ``target`` to each patch, per head: ``[B, heads, H, W]`` raw weights (DINO's view).
+
+    ``"mean-patch"`` averages the rows of all patch queries.
+    """
+    check_attention(attn, layout)
+    index = resolve_target(target, layout)
+    ps = layout.patch_slice
+    a = attn.detach().to(compute_dtype(attn.dtype, attn.device))
+    rows = a[:, :, ps, ps].mean(dim=2) if index is None else a[:, :, index, ps]  # [B, heads, HW]
+    h, w = layout.grid_size
+    return to_numpy(rearrange(rows, "b heads (h w) -> b heads h w", h=h, w=w))

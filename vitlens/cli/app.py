@@ -1,0 +1,48 @@
+"""The ``vitlens`` Typer app: global options and command registration (heavy imports stay in the commands)."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+from vitlens import __version__
+from vitlens.cli import info as info_cmd
+from vitlens.cli.console import handle_errors, setup_logging
+
+app = typer.Typer(
+    name="vitlens",
+    help="Look inside trained Vision Transformers: the analyses of the ViT paper on your checkpoint.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"vitlens {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (also VITLENS_DEBUG=1).")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what vitlens does to stderr.")] = False,
+) -> None:
+    if debug:
+        os.environ["VITLENS_DEBUG"] = "1"
+    setup_logging(verbose=verbose)
+
+
+app.command("info")(handle_errors(info_cmd.info))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,97 @@
+"""Consoles, logging and the one place where :class:`~vitlens.errors.VitlensError` becomes an exit code."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from vitlens.errors import Interrupted, VitlensError
+from vitlens.log import logger
+
+
+def err_console() -> Console:
+    """A console on the current stderr (made per call so test runners that swap streams see the output)."""
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def out_console() -> Console:
+    return Console(highlight=False)
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("VITLENS_DEBUG", "").lower() not in ("", "0", "false", "no")
+
+
+def setup_logging(*, quiet: bool = False, verbose: bool = False) -> None:
+    """Route the ``vitlens`` logger to stderr through rich (warnings always, info with --verbose)."""
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    handler = RichHandler(console=err_console(), show_time=False, show_path=False, markup=False)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING)
+    logger.propagate = False
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    """Print one red line on stderr; return the Exit to raise."""
+    first = message.strip().splitlines()[0] if message.strip() else "failed"
+    err_console().print(f"[bold red]error:[/] {first}", markup=True, highlight=False)
+    return typer.Exit(code)
+
+
+def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn user-caused errors into one line on stderr and an exit code; Ctrl-C into exit 130.
+
+    With ``--debug`` or ``VITLENS_DEBUG=1`` the traceback is kept.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except VitlensError as e:
+            if debug_enabled():
+                raise
+            raise fail(str(e), e.exit_code) from None
+        except KeyboardInterrupt:
+            if debug_enabled():
+                raise
+            raise fail("interrupted", Interrupted.exit_code) from None
+
+    return wrapper
+
+
+def run_metadata(started: float, **extra: Any) -> dict[str, Any]:
+    """Versions, timing and settings that go with every --json result."""
+    import platform
+
+    import vitlens
+
+    meta: dict[str, Any] = {
+        "vitlens_version": vitlens.__version__,
+        "python": platform.python_version(),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    for name in ("torch", "timm"):
+        mod = sys.modules.get(name)
+        if mod is not None:
+            meta[f"{name}_version"] = getattr(mod, "__version__", "?")
+    meta.update(extra)
+    return meta
+
+
+def print_json(obj: dict[str, Any]) -> None:
+    """Write exactly one JSON object to stdout (and nothing else goes there in --json mode)."""
+    sys.stdout.write(json.dumps(obj, allow_nan=False) + "\n")
+    sys.stdout.flush()

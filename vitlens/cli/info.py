@@ -1,0 +1,74 @@
+"""`vitlens info`: what vitlens understood of a checkpoint."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from vitlens.cli.console import out_console, print_json, run_metadata
+from vitlens.cli.options import (
+    ArchOpt,
+    DeviceOpt,
+    ImgSizeOpt,
+    JsonOpt,
+    ModelArg,
+    ModelKwargsOpt,
+    ModelOptions,
+    NumHeadsOpt,
+    PretrainedOpt,
+    QuietOpt,
+)
+
+
+def info(
+    model: ModelArg = None,
+    arch: ArchOpt = None,
+    num_heads: NumHeadsOpt = None,
+    model_kwargs: ModelKwargsOpt = None,
+    img_size: ImgSizeOpt = None,
+    device: DeviceOpt = "auto",
+    pretrained: PretrainedOpt = True,
+    out: Annotated[Path | None, typer.Option("--out", help="Also write info.json here.")] = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Show the architecture, token layout and preprocessing vitlens read from MODEL."""
+    started = time.perf_counter()
+    opts = ModelOptions(model, arch, num_heads, model_kwargs, img_size, device, pretrained)
+    vit = opts.load()
+    facts = vit.describe()
+    if out is not None:
+        from vitlens.io import ensure_out_dir, write_json
+
+        write_json(ensure_out_dir(out) / "info.json", facts)
+    if json_:
+        print_json({**facts, "meta": run_metadata(started, command="info")})
+        return
+    if quiet:
+        return
+    table = Table(title=f"vitlens info: {facts['source']}", show_header=False, title_justify="left")
+    table.add_column("fact", style="bold")
+    table.add_column("value")
+    for key, value in facts.items():
+        if key == "guessed":
+            continue
+        if isinstance(value, list | tuple):
+            shown = "x".join(map(str, value)) if key.endswith("_size") else ", ".join(map(_short, value))
+        elif isinstance(value, float):
+            shown = _short(value)
+        else:
+            shown = str(value)
+        mark = " [yellow](guessed)[/]" if any(key in g for g in facts["guessed"]) else ""
+        table.add_row(key, shown + mark)
+    console = out_console()
+    console.print(table)
+    for fact, why in facts["guessed"].items():
+        console.print(f"[yellow]guessed[/] {fact}: {why}")
+
+
+def _short(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,174 @@
+"""Options shared by many commands, defined once so that they mean the same everywhere."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from vitlens.errors import UsageError
+
+if TYPE_CHECKING:
+    from vitlens.models.vit import ViT
+
+MODEL_PANEL = "Model"
+DATA_PANEL = "Data"
+OUTPUT_PANEL = "Output"
+
+ModelArg = Annotated[
+    str | None,
+    typer.Argument(
+        help="Checkpoint file (.safetensors .pth .pt .bin .ckpt .npz), timm name, hf-hub:org/name, or 'demo'.",
+        show_default="demo",
+    ),
+]
+ArchOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--arch", help="timm architecture for a plain state dict (else inferred).", rich_help_panel=MODEL_PANEL
+    ),
+]
+NumHeadsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--num-heads", help="Heads per layer (not stored in weights; else guessed).", rich_help_panel=MODEL_PANEL
+    ),
+]
+ModelKwargsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model-kwargs",
+        help="JSON of extra timm.create_model kwargs.",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+ImgSizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--img-size", help="Input size: one int or H,W; resamples position embeddings.", rich_help_panel=MODEL_PANEL
+    ),
+]
+DeviceOpt = Annotated[
+    str,
+    typer.Option(
+        "--device", help="auto | cpu | cuda | cuda:N | mps (auto picks CUDA when present).", rich_help_panel=MODEL_PANEL
+    ),
+]
+PretrainedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--pretrained/--no-pretrained", help="For timm names: fetch pretrained weights.", rich_help_panel=MODEL_PANEL
+    ),
+]
+BatchSizeOpt = Annotated[
+    int,
+    typer.Option(
+        "--batch-size",
+        min=1,
+        help="Images per forward pass.",
+        rich_help_panel=DATA_PANEL,
+    ),
+]
+DataOpt = Annotated[
+    str,
+    typer.Option(
+        "--data",
+        help="digits | cifar10 | cifar100 | mnist | fashion-mnist | svhn | stl10 | flowers102 | oxford-iiit-pet | DIR.",
+        rich_help_panel=DATA_PANEL,
+    ),
+]
+SplitOpt = Annotated[
+    str,
+    typer.Option(
+        "--split",
+        help="train | test | all.",
+        rich_help_panel=DATA_PANEL,
+    ),
+]
+NumImagesOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--num-images", help="Stratified subset of this many images (fixed seed).", rich_help_panel=DATA_PANEL
+    ),
+]
+DataRootOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-root",
+        help="Where torchvision datasets live.",
+        rich_help_panel=DATA_PANEL,
+    ),
+]
+DownloadOpt = Annotated[
+    bool,
+    typer.Option(
+        "--download",
+        help="Download a torchvision dataset if absent.",
+        rich_help_panel=DATA_PANEL,
+    ),
+]
+OutOpt = Annotated[
+    Path,
+    typer.Option(
+        "--out",
+        help="Output directory.",
+        rich_help_panel=OUTPUT_PANEL,
+    ),
+]
+JsonOpt = Annotated[
+    bool,
+    typer.Option(
+        "--json", help="Print exactly one JSON object on stdout; all else goes to stderr.", rich_help_panel=OUTPUT_PANEL
+    ),
+]
+QuietOpt = Annotated[
+    bool,
+    typer.Option(
+        "--quiet",
+        "-q",
+        help="No summary or progress; errors only.",
+        rich_help_panel=OUTPUT_PANEL,
+    ),
+]
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """The model options of a command, parsed once."""
+
+    model: str | None = None
+    arch: str | None = None
+    num_heads: int | None = None
+    model_kwargs: str | None = None
+    img_size: str | None = None
+    device: str = "auto"
+    pretrained: bool = True
+
+    def kwargs(self) -> dict[str, Any]:
+        if not self.model_kwargs:
+            return {}
+        try:
+            value = json.loads(self.model_kwargs)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"--model-kwargs is not valid JSON: {e.msg} at character {e.pos}")
+        if not isinstance(value, dict):
+            raise UsageError("--model-kwargs must be a JSON object, e.g. '{\"drop_path_rate\": 0.1}'")
+        return value
+
+    def load(self) -> ViT:
+        from vitlens.models.load import load_vit
+
+        if self.num_heads is not None and self.num_heads < 1:
+            raise UsageError(f"--num-heads must be positive, got {self.num_heads}")
+        return load_vit(
+            self.model,
+            arch=self.arch,
+            num_heads=self.num_heads,
+            model_kwargs=self.kwargs(),
+            img_size=self.img_size,
+            device=self.device,
+            pretrained=self.pretrained,
+        )

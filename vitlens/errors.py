@@ -1,0 +1,28 @@
+"""The one error type for what a user can cause, and its exit codes.
+
+The CLI turns a :class:`VitlensError` into a single red line on stderr and ``exit_code``; anything else is a bug
+and keeps its traceback (shown with ``--debug``).
+"""
+
+from __future__ import annotations
+
+
+class VitlensError(Exception):
+    """Something the user can fix: a bad path, an unsupported checkpoint, too few images.
+
+    The message is one line, says what is wrong and, where it can, what to do about it.
+    """
+
+    exit_code = 1
+
+
+class UsageError(VitlensError):
+    """The command line itself is wrong (bad option value, conflicting options): exit code 2."""
+
+    exit_code = 2
+
+
+class Interrupted(VitlensError):
+    """The user pressed Ctrl-C: exit code 130 as a shell would give."""
+
+    exit_code = 130

@@ -1,0 +1,241 @@
+"""Architecture inference: timm ``VisionTransformer`` kwargs read off a state dict's key names and shapes.
+
+Everything but the number of heads is in the shapes: patch size and channels (patch projection), width and depth
+(blocks), MLP ratio, qkv bias, q/k norm, layer scale, prefix tokens, the position-embedding grid and whether the
+prefix tokens have position embeddings (``no_embed_class``), final / fc norm, and the classifier width.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from vitlens.errors import UsageError, VitlensError
+
+if TYPE_CHECKING:
+    import torch
+
+# Heads of the standard ViT widths (ViT paper Table 1, DeiT Ti/S, DINOv2 g); anything else must be given.
+STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1536: 24}
+INFERRED_ARCH = "vit_inferred"
+INFERRED_DISTILLED_ARCH = "vit_distilled_inferred"
+
+_CNN_HINTS = ("conv1.weight", "layer1.0.conv1.weight", "stem.0.weight", "stages.0", "features.0.weight")
+
+
+@dataclass
+class InferredArch:
+    """timm constructor kwargs for a state dict, and what had to be guessed."""
+
+    arch: str
+    kwargs: dict[str, Any]
+    guessed: dict[str, str] = field(default_factory=dict)
+    dropped_keys: list[str] = field(default_factory=list)  # head weights that do not fit a linear head
+
+
+def heads_for_width(embed_dim: int, num_heads: int | None) -> tuple[int, str | None]:
+    """The number of heads: given, else from the standard width table. Returns (heads, why-guessed or None)."""
+    if num_heads is not None:
+        if num_heads < 1 or embed_dim % num_heads:
+            raise UsageError(f"--num-heads {num_heads} does not divide the embedding width {embed_dim}")
+        return num_heads, None
+    if embed_dim in STANDARD_HEADS:
+        heads = STANDARD_HEADS[embed_dim]
+        return heads, f"not stored in checkpoints; standard for width {embed_dim} (pass --num-heads to override)"
+    if embed_dim % 64 == 0:
+        heads = embed_dim // 64
+        return heads, "not stored in checkpoints; assumed head width 64 (pass --num-heads to override)"
+    raise VitlensError(
+        f"cannot guess the number of heads for width {embed_dim}: pass --num-heads (it is not stored in weights)"
+    )
+
+
+def looks_like_cnn(keys: list[str]) -> bool:
+    return any(any(k.startswith(h) for h in _CNN_HINTS) for k in keys)
+
+
+def infer_from_state_dict(
+    sd: dict[str, torch.Tensor],
+    *,
+    num_heads: int | None = None,
+    img_size: tuple[int, int] | None = None,
+) -> InferredArch:
+    """Infer timm ``VisionTransformer`` kwargs from a timm-format state dict.
+
+    Args:
+        sd: the state dict (wrapper prefixes already stripped).
+        num_heads: heads per layer, when the user knows it.
+        img_size: the checkpoint's native input size, only needed when its grid is not square.
+
+    Raises:
+        VitlensError: not a ViT state dict, or a fact that cannot be read and was not given.
+    """
+    keys = list(sd)
+    proj = sd.get("patch_embed.proj.weight")
+    if proj is None or "blocks.0.attn.qkv.weight" not in sd:
+        if looks_like_cnn(keys):
+            raise VitlensError("this checkpoint is a CNN (ResNet/ConvNeXt-style keys), not a Vision Transformer")
+        sample = ", ".join(keys[:5]) or "none"
+        raise VitlensError(
+            f"this is not a timm ViT state dict (no patch_embed.proj.weight / blocks.0.attn.qkv.weight; "
+            f"keys: {sample}); pass --arch if it is a ViT with other names"
+        )
+    if proj.ndim != 4:
+        raise VitlensError(f"patch_embed.proj.weight has shape {tuple(proj.shape)}; expected [D, C, ph, pw]")
+    embed_dim, in_chans, ph, pw = (int(s) for s in proj.shape)
+    depth = 1 + max(int(m.group(1)) for k in keys if (m := re.match(r"blocks\.(\d+)\.", k)))
+    heads, why = heads_for_width(embed_dim, num_heads)
+    guessed = {"num_heads": why} if why else {}
+
+    reg_tokens = int(sd["reg_token"].shape[1]) if "reg_token" in sd else 0
+    class_token = "cls_token" in sd
+    distilled = "dist_token" in sd
+    num_prefix = int(class_token) + int(distilled) + reg_tokens
+    fc1 = sd.get("blocks.0.mlp.fc1.weight")
+    if fc1 is None:
+        raise VitlensError("blocks.0.mlp.fc1.weight is missing: only the standard two-layer MLP block is supported")
+    kwargs: dict[str, Any] = {
+        "patch_size": (ph, pw) if ph != pw else ph,
+        "in_chans": in_chans,
+        "embed_dim": embed_dim,
+        "depth": depth,
+        "num_heads": heads,
+        "mlp_ratio": float(fc1.shape[0]) / embed_dim,
+        "qkv_bias": "blocks.0.attn.qkv.bias" in sd,
+        "qk_norm": "blocks.0.attn.q_norm.weight" in sd,
+        "proj_bias": "blocks.0.attn.proj.bias" in sd,
+        "class_token": class_token,
+        "reg_tokens": reg_tokens,
+        "pre_norm": "norm_pre.weight" in sd,
+    }
+    if "blocks.0.ls1.gamma" in sd:
+        kwargs["init_values"] = 1e-5  # any value: switches LayerScale on; the loaded gammas overwrite it
+
+    # Pooling and final norms: timm puts the final norm in `fc_norm` for pooled (avg / map) models.
+    has_fc_norm = "fc_norm.weight" in sd
+    if "attn_pool.latent" in sd:
+        kwargs["global_pool"] = "map"
+    elif not class_token or has_fc_norm:
+        kwargs["global_pool"] = "avg"
+    else:
+        kwargs["global_pool"] = "token"
+    kwargs["fc_norm"] = has_fc_norm
+    # timm builds `fc_norm` only when final_norm is on (it then replaces `norm`).
+    kwargs["final_norm"] = "norm.weight" in sd or has_fc_norm
+
+    # Position embedding and grid.
+    pos = sd.get("pos_embed")
+    if pos is None:
+        kwargs["pos_embed"] = "none"
+        grid = _grid_from_img_size(img_size, (ph, pw)) if img_size else None
+        if grid is None:
+            grid = (224 // ph, 224 // pw)
+            guessed["img_size"] = "no position embedding to read it from; assumed 224 (pass --img-size)"
+    else:
+        grid, no_embed_class = _infer_grid(int(pos.shape[1]), num_prefix, img_size, (ph, pw))
+        kwargs["no_embed_class"] = no_embed_class
+    kwargs["img_size"] = (grid[0] * ph, grid[1] * pw)
+
+    # Classifier: a linear head of width embed_dim is kept; anything else (MLP heads, DINO heads) is dropped.
+    dropped: list[str] = []
+    head_w = sd.get("head.weight")
+    if head_w is not None and head_w.ndim == 2 and head_w.shape[1] == embed_dim:
+        kwargs["num_classes"] = int(head_w.shape[0])
+    else:
+        kwargs["num_classes"] = 0
+        dropped = [k for k in keys if k.startswith(("head.", "head_dist."))]
+    if distilled and kwargs["num_classes"] == 0:
+        dropped = sorted(set(dropped) | {k for k in keys if k.startswith("head_dist.")})
+    return InferredArch(INFERRED_DISTILLED_ARCH if distilled else INFERRED_ARCH, kwargs, guessed, dropped)
+
+
+def _grid_from_img_size(img_size: tuple[int, int], patch: tuple[int, int]) -> tuple[int, int]:
+    h, w = img_size
+    if h % patch[0] or w % patch[1]:
+        raise UsageError(f"--img-size {h},{w} is not divisible by the patch size {patch[0]}x{patch[1]}")
+    return (h // patch[0], w // patch[1])
+
+
+def _infer_grid(
+    rows: int, num_prefix: int, img_size: tuple[int, int] | None, patch: tuple[int, int]
+) -> tuple[tuple[int, int], bool]:
+    """The checkpoint's patch grid and ``no_embed_class`` from the number of position-embedding rows.
+
+    With ``img_size`` the grid is known and the row count only decides ``no_embed_class``; without it the grid
+    must be square (a checkpoint does not record a non-square one).
+    """
+    if img_size is not None:
+        gh, gw = _grid_from_img_size(img_size, patch)
+        if rows == gh * gw + num_prefix:
+            return (gh, gw), False
+        if rows == gh * gw:
+            return (gh, gw), True
+    # Square grids: prefix rows included (timm's default) first, then `no_embed_class`.
+    for count, no_embed_class in ((rows - num_prefix, False), (rows, True)):
+        side = math.isqrt(max(count, 0))
+        if count > 0 and side * side == count:
+            return (side, side), no_embed_class
+    hint = "" if img_size is None else f" (it does not fit --img-size {img_size[0]},{img_size[1]} either)"
+    raise VitlensError(
+        f"cannot infer the patch grid from {rows} position-embedding rows and {num_prefix} prefix tokens{hint}: "
+        "pass the checkpoint's --img-size H,W"
+    )
+
+
+def infer_from_npz(shapes: dict[str, tuple[int, ...]]) -> InferredArch:
+    """Infer kwargs for a Google ViT / big_vision ``.npz`` (the heads are stored there: query kernel [D, H, d]).
+
+    Raises:
+        VitlensError: the archive is not a ViT checkpoint.
+    """
+    prefix = next(
+        (p for p in ("", "opt/target/", "params/", "params/img/") if f"{p}embedding/kernel" in shapes),
+        None,
+    )
+    if prefix is None:
+        names = ", ".join(list(shapes)[:5]) or "none"
+        raise VitlensError(f"this .npz is not a Google ViT / big_vision checkpoint (no embedding/kernel; has {names})")
+    ph, pw, in_chans, embed_dim = shapes[f"{prefix}embedding/kernel"]
+    stacked = f"{prefix}Transformer/encoderblock/LayerNorm_0/scale" in shapes
+    big_vision = prefix.startswith("params/") or f"{prefix}pos_embedding" in shapes or stacked
+    mha = "MultiHeadDotProductAttention_0" if big_vision else "MultiHeadDotProductAttention_1"
+    mlp = "MlpBlock_0" if big_vision else "MlpBlock_3"
+    if stacked:
+        depth = shapes[f"{prefix}Transformer/encoderblock/LayerNorm_0/scale"][0]
+        block = f"{prefix}Transformer/encoderblock/"
+        q_shape = shapes[f"{block}{mha}/query/kernel"][1:]
+        fc1 = shapes[f"{block}{mlp}/Dense_0/kernel"][1:]
+    else:
+        depth = 1 + max(
+            int(m.group(1))
+            for k in shapes
+            if (m := re.match(re.escape(prefix) + r"Transformer/encoderblock_(\d+)/", k))
+        )
+        block = f"{prefix}Transformer/encoderblock_0/"
+        q_shape = shapes[f"{block}{mha}/query/kernel"]
+        fc1 = shapes[f"{block}{mlp}/Dense_0/kernel"]
+    pos_key = f"{prefix}pos_embedding" if big_vision else f"{prefix}Transformer/posembed_input/pos_embedding"
+    class_token = f"{prefix}cls" in shapes
+    rows = shapes[pos_key][1]
+    grid, no_embed_class = _infer_grid(rows, int(class_token), None, (ph, pw))
+    head = shapes.get(f"{prefix}head/kernel")
+    kwargs = {
+        "img_size": (grid[0] * ph, grid[1] * pw),
+        "patch_size": ph if ph == pw else (ph, pw),
+        "in_chans": in_chans,
+        "embed_dim": embed_dim,
+        "depth": depth,
+        "num_heads": q_shape[1],
+        "mlp_ratio": fc1[1] / embed_dim,
+        "qkv_bias": True,
+        "class_token": class_token,
+        "no_embed_class": no_embed_class,
+        "global_pool": "token" if class_token else "avg",
+        "fc_norm": False,
+        "num_classes": int(head[-1]) if head is not None and head[-1] > 0 else 0,
+    }
+    if f"{prefix}MAPHead_0/probe" in shapes:
+        kwargs["global_pool"] = "map"
+    return InferredArch(INFERRED_ARCH, kwargs)

@@ -1,0 +1,242 @@
+"""The loaded ViT: a timm model plus the facts vitlens needs about it, read in one place.
+
+This module (with :mod:`vitlens.models.infer`) is the only code in vitlens that reads timm attribute names. Every
+analysis asks :class:`ViT` for its :class:`~vitlens.layout.TokenLayout`, its attention modules, its position
+embedding or its patch projection, so that fused attention, register / distillation tokens, ``no_embed_class`` and
+non-square grids are handled once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from vitlens.errors import VitlensError
+from vitlens.layout import PrefixKind, Preprocess, TokenLayout
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+def is_timm_vit(model: nn.Module) -> bool:
+    """True for timm's ``VisionTransformer`` and its subclasses (DeiT distilled, DeiT-3, DINOv2-style, ...)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    return isinstance(model, VisionTransformer)
+
+
+def token_layout(model: nn.Module) -> TokenLayout:
+    """Read the token layout of a timm ViT.
+
+    timm orders the prefix as class token, then the distillation token (DeiT distilled) or the register tokens.
+    """
+    if not is_timm_vit(model):
+        raise VitlensError(f"{type(model).__name__} is not a timm VisionTransformer; vitlens analyses ViTs only")
+    kinds: list[PrefixKind] = []
+    if getattr(model, "cls_token", None) is not None:
+        kinds.append("cls")
+    if getattr(model, "dist_token", None) is not None:
+        kinds.append("dist")
+    kinds.extend(["reg"] * int(getattr(model, "num_reg_tokens", 0) or 0))
+    if len(kinds) != model.num_prefix_tokens:
+        raise VitlensError(
+            f"{type(model).__name__} reports {model.num_prefix_tokens} prefix tokens but vitlens found "
+            f"{len(kinds)} ({', '.join(kinds) or 'none'}); this ViT variant is not supported"
+        )
+    pe = model.patch_embed
+    return TokenLayout(
+        grid_size=tuple(int(g) for g in pe.grid_size),
+        patch_size=tuple(int(p) for p in pe.patch_size),
+        prefix_kinds=tuple(kinds),
+        pos_embed_includes_prefix=not bool(getattr(model, "no_embed_class", False)),
+        has_pos_embed=getattr(model, "pos_embed", None) is not None,
+    )
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One layer's attention: the module whose ``fused_attn`` flag picks SDPA, and the module that receives the
+    post-softmax weights ``[B, heads, N, N]`` on the explicit path (timm's ``attn_drop``, identity in eval mode)."""
+
+    layer: int
+    flag_owner: nn.Module
+    softmax_output: nn.Module
+    num_heads: int
+
+
+@dataclass
+class ViT:
+    """A timm ViT in eval mode on its device, with its token layout, preprocessing and provenance.
+
+    Build it with :func:`vitlens.load_vit`; construct it directly only around a timm model you already have.
+    """
+
+    model: nn.Module
+    preprocess: Preprocess
+    source: str = "<in-memory>"  # what the user asked for, resolved (path, timm name, 'demo')
+    arch: str = ""  # timm architecture name, or 'vit_inferred' when read from the state dict
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)  # timm.create_model kwargs that rebuild it
+    class_names: list[str] | None = None
+    guessed: dict[str, str] = field(default_factory=dict)  # fact -> why it was guessed (e.g. num_heads)
+    identity: str = ""  # stable id for caches: file hash, or timm name + tag
+    metadata: dict[str, Any] = field(default_factory=dict)  # vitlens checkpoint metadata, if any
+    layout: TokenLayout = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.layout = token_layout(self.model)
+        self.model.eval()
+
+    def refresh_layout(self) -> None:
+        """Re-read the layout after the model's input size changed."""
+        self.layout = token_layout(self.model)
+
+    # ----------------------------------------------------------------------------------------- facts
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def depth(self) -> int:
+        return len(self.model.blocks)
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.model.embed_dim)
+
+    @property
+    def num_heads(self) -> int:
+        heads = {site.num_heads for site in self.attention_sites()}
+        if len(heads) != 1:
+            raise VitlensError(f"layers have different head counts {sorted(heads)}; not supported")
+        return heads.pop()
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.patch_projection().shape[1]) if self.has_linear_patch_embed else self.preprocess.in_chans
+
+    @property
+    def num_classes(self) -> int:
+        return int(getattr(self.model, "num_classes", 0) or 0)
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def global_pool(self) -> str:
+        return str(getattr(self.model, "global_pool", "token") or "")
+
+    @property
+    def has_linear_patch_embed(self) -> bool:
+        """True when the patch embedding is one linear projection (a conv with kernel = stride = patch size)."""
+        from torch import nn
+
+        proj = getattr(self.model.patch_embed, "proj", None)
+        return (
+            isinstance(proj, nn.Conv2d)
+            and tuple(proj.kernel_size) == self.layout.patch_size
+            and tuple(proj.stride) == self.layout.patch_size
+            and not hasattr(self.model.patch_embed, "backbone")
+        )
+
+    # ------------------------------------------------------------------------------------ weights
+    def patch_projection(self) -> torch.Tensor:
+        """The linear patch projection's weight ``[embed_dim, in_chans, ph, pw]`` (detached).
+
+        Raises:
+            VitlensError: the patch embedding is a CNN stem or hybrid backbone, not one linear projection.
+        """
+        if not self.has_linear_patch_embed:
+            raise VitlensError(
+                "this model's patch embedding is not one linear projection (hybrid CNN or conv stem): "
+                "filter PCA needs a plain ViT patch embedding"
+            )
+        return self.model.patch_embed.proj.weight.detach()
+
+    def position_embedding(self) -> torch.Tensor:
+        """The learned absolute position embedding ``pos_embed[0]`` ``[N_pos, embed_dim]`` (detached).
+
+        Its rows include the prefix tokens unless ``layout.pos_embed_includes_prefix`` is False.
+
+        Raises:
+            VitlensError: the model has no learned absolute position embedding (none, RoPE or relative bias only).
+        """
+        pos = getattr(self.model, "pos_embed", None)
+        if pos is None or not self.layout.has_pos_embed:
+            raise VitlensError(
+                "this model has no learned absolute position embedding (pos_embed is absent or 'none'); "
+                "position-similarity needs one"
+            )
+        return pos.detach()[0]
+
+    def attention_sites(self) -> list[AttentionSite]:
+        """Every block's self-attention, in depth order.
+
+        Raises:
+            VitlensError: no block exposes timm's explicit-attention path (``fused_attn`` + ``attn_drop``).
+        """
+        sites = []
+        for i, block in enumerate(self.model.blocks):
+            # Block / ResPostBlock keep attention in `.attn`; ParallelScalingBlock computes it in the block itself.
+            owner = getattr(block, "attn", None)
+            if owner is None or not hasattr(owner, "fused_attn"):
+                owner = block
+            if not hasattr(owner, "fused_attn") or not hasattr(owner, "attn_drop") or not hasattr(owner, "num_heads"):
+                continue
+            sites.append(AttentionSite(i, owner, owner.attn_drop, int(owner.num_heads)))
+        if not sites:
+            raise VitlensError(
+                f"found no timm attention module with an explicit softmax path in {type(self.model).__name__}; "
+                "attention capture is not supported for this architecture"
+            )
+        return sites
+
+    # ------------------------------------------------------------------------------------ forward
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Token sequence after the final norm ``[B, N, embed_dim]``."""
+        return self.model.forward_features(images)
+
+    def pre_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """What the classifier head sees ``[B, embed_dim]``: the pooled (class token or mean) representation."""
+        return self.model.forward_head(tokens, pre_logits=True)
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.model.blocks)
+
+    def describe(self) -> dict[str, Any]:
+        """The facts `vitlens info` prints, JSON-ready."""
+        layout = self.layout
+        pos_kind = "none"
+        if layout.has_pos_embed:
+            pos_kind = "learned, patches only (no_embed_class)" if not layout.pos_embed_includes_prefix else "learned"
+        return {
+            "source": self.source,
+            "arch": self.arch,
+            "model_class": type(self.model).__name__,
+            "num_params": self.num_params,
+            "img_size": list(layout.img_size),
+            "patch_size": list(layout.patch_size),
+            "grid_size": list(layout.grid_size),
+            "num_patches": layout.num_patches,
+            "num_prefix_tokens": layout.num_prefix_tokens,
+            "prefix_tokens": list(layout.prefix_kinds),
+            "has_class_token": layout.has_class_token,
+            "has_dist_token": layout.has_dist_token,
+            "num_reg_tokens": layout.num_reg_tokens,
+            "embed_dim": self.embed_dim,
+            "depth": self.depth,
+            "num_heads": self.num_heads,
+            "in_chans": self.in_chans,
+            "num_classes": self.num_classes,
+            "global_pool": self.global_pool,
+            "pos_embed": pos_kind,
+            "linear_patch_embed": self.has_linear_patch_embed,
+            "mean": list(self.preprocess.mean),
+            "std": list(self.preprocess.std),
+            "interpolation": self.preprocess.interpolation,
+            "crop_pct": self.preprocess.crop_pct,
+            "class_names": self.class_names,
+            "device": str(self.device),
+            "guessed": dict(self.guessed),
+        }
