@@ -58,10 +58,9 @@ def test_info_json_is_one_object(ckpt):
     result = runner.invoke(app, ["info", str(ckpt), "--num-heads", "3", "--json", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)  # exactly one JSON object, nothing else on stdout
-    for key in (
-        "source arch num_params img_size patch_size grid_size num_prefix_tokens has_class_token num_reg_tokens "
-        "embed_dim depth num_heads in_chans num_classes mean std device"
-    ).split():
+    required = ["source", "arch", "num_params", "img_size", "patch_size", "grid_size", "num_prefix_tokens"]
+    required += ["has_class_token", "num_reg_tokens", "embed_dim", "depth", "num_heads", "in_chans", "num_classes"]
+    for key in [*required, "mean", "std", "device"]:
         assert key in data, key
     assert data["grid_size"] == [4, 4] and data["num_reg_tokens"] == 4 and data["num_prefix_tokens"] == 5
     assert data["num_heads"] == 3 and data["depth"] == 2 and data["embed_dim"] == 48

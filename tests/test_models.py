@@ -270,3 +270,25 @@ def test_device_errors():
     if not torch.cuda.is_available():
         with pytest.raises(VitlensError, match="CUDA is not available"):
             load_vit("demo", device="cuda")
+
+
+def test_hybrid_stem_layout_is_in_pixels():
+    vit = load_vit("vit_tiny_r_s16_p8_224", pretrained=False, device="cpu")
+    assert vit.layout.img_size == (224, 224) and vit.in_chans == 3
+    assert vit.layout.patch_size == (224 // vit.layout.grid_size[0], 224 // vit.layout.grid_size[1])
+    assert not vit.has_linear_patch_embed
+    with pytest.raises(VitlensError, match="not one linear projection"):
+        vit.patch_projection()
+
+
+def test_atomic_outputs_get_normal_permissions(tmp_path):
+    import os
+
+    from vitlens.io import write_text
+
+    umask = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644

@@ -8,7 +8,12 @@ from typing import Annotated
 import typer
 
 from vitlens import __version__
+from vitlens.cli import attention_distance as attention_distance_cmd
+from vitlens.cli import filters as filters_cmd
 from vitlens.cli import info as info_cmd
+from vitlens.cli import pos_sim as pos_sim_cmd
+from vitlens.cli import rollout as rollout_cmd
+from vitlens.cli import train as train_cmd
 from vitlens.cli.console import handle_errors, setup_logging
 
 app = typer.Typer(
@@ -41,6 +46,11 @@ def main_callback(
 
 
 app.command("info")(handle_errors(info_cmd.info))
+app.command("filters")(handle_errors(filters_cmd.filters))
+app.command("pos-sim")(handle_errors(pos_sim_cmd.pos_sim))
+app.command("attention-distance")(handle_errors(attention_distance_cmd.attention_distance))
+app.command("rollout")(handle_errors(rollout_cmd.rollout))
+app.command("train")(handle_errors(train_cmd.train))
 
 
 def main() -> None:

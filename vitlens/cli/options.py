@@ -172,3 +172,18 @@ class ModelOptions:
             device=self.device,
             pretrained=self.pretrained,
         )
+
+
+FIGURE_FORMATS = ("png", "svg", "pdf")
+FormatOpt = Annotated[
+    str,
+    typer.Option("--format", help="Figure file format: png | svg | pdf.", rich_help_panel=OUTPUT_PANEL),
+]
+
+
+def check_format(fmt: str) -> str:
+    """The ``--format`` value, lower-cased; a UsageError unless it is one of :data:`FIGURE_FORMATS`."""
+    value = fmt.strip().lower()
+    if value not in FIGURE_FORMATS:
+        raise UsageError(f"--format must be one of {', '.join(FIGURE_FORMATS)}, not {fmt!r}")
+    return value

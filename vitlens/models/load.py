@@ -342,7 +342,10 @@ def _timm_preprocess(model: nn.Module) -> Preprocess:
     from timm.data import resolve_data_config
 
     cfg = resolve_data_config({}, model=model)
-    in_chans = int(model.patch_embed.proj.weight.shape[1]) if hasattr(model.patch_embed, "proj") else 3
+    if hasattr(model.patch_embed, "backbone"):  # hybrid: the CNN stem takes the image
+        in_chans = int(cfg["input_size"][0])
+    else:
+        in_chans = int(model.patch_embed.proj.weight.shape[1])
     mean, std = tuple(cfg["mean"]), tuple(cfg["std"])
     if len(mean) != in_chans:  # e.g. a 1-channel model built from an RGB config: average the channel stats
         mean, std = (sum(mean) / len(mean),) * in_chans, (sum(std) / len(std),) * in_chans

@@ -45,9 +45,14 @@ def token_layout(model: nn.Module) -> TokenLayout:
             f"{len(kinds)} ({', '.join(kinds) or 'none'}); this ViT variant is not supported"
         )
     pe = model.patch_embed
+    grid = tuple(int(g) for g in pe.grid_size)
+    if hasattr(pe, "backbone"):  # hybrid: patch_size counts feature-map cells; the pixel footprint is img / grid
+        patch = tuple(int(i) // g for i, g in zip(pe.img_size, grid, strict=True))
+    else:
+        patch = tuple(int(p) for p in pe.patch_size)
     return TokenLayout(
-        grid_size=tuple(int(g) for g in pe.grid_size),
-        patch_size=tuple(int(p) for p in pe.patch_size),
+        grid_size=grid,
+        patch_size=patch,
         prefix_kinds=tuple(kinds),
         pos_embed_includes_prefix=not bool(getattr(model, "no_embed_class", False)),
         has_pos_embed=getattr(model, "pos_embed", None) is not None,
@@ -113,7 +118,7 @@ class ViT:
 
     @property
     def in_chans(self) -> int:
-        return int(self.patch_projection().shape[1]) if self.has_linear_patch_embed else self.preprocess.in_chans
+        return self.preprocess.in_chans
 
     @property
     def num_classes(self) -> int:

@@ -1,0 +1,244 @@
+"""Streaming attention over a dataset: run a ViT batch by batch and reduce each layer's attention as it is computed.
+
+This is the driver behind ``vitlens attention-distance`` and ``vitlens rollout``. Each layer's post-softmax
+``[B, heads, N, N]`` goes from :func:`~vitlens.capture.attention_capture` straight into an accumulator's
+``update(layer, attn)`` and is dropped, so memory holds one layer's attention of one batch, whatever the depth or
+the number of images. Everything runs under ``torch.inference_mode()`` on ``vit.device``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import torch
+
+from vitlens.analysis.attention_distance import AttentionDistance, AttentionDistanceAccumulator
+from vitlens.analysis.rollout import (
+    HeadFusion,
+    Rollout,
+    RolloutAccumulator,
+    RolloutTarget,
+    cls_attention_per_head,
+    resolve_target,
+)
+from vitlens.capture import attention_capture, resolve_layers
+from vitlens.data import iterate_batches
+from vitlens.errors import UsageError, VitlensError
+
+if TYPE_CHECKING:
+    from vitlens.data import Batch, ImageDataset
+    from vitlens.layout import TokenLayout
+    from vitlens.models.vit import ViT
+
+Progress = Callable[[int, int], None]  # progress(done_images, total_images), called after every batch
+
+
+class LayerAccumulator(Protocol):
+    """Anything that reduces one layer's attention ``[B, heads, N, N]`` at a time."""
+
+    def update(self, layer: int, attn: torch.Tensor) -> None: ...
+
+
+def default_target(layout: TokenLayout) -> str:
+    """The rollout target when none is asked for: the class token, or ``mean-patch`` for models without one
+    (global-average-pool ViTs read their prediction from the mean of the patch tokens)."""
+    return "cls" if layout.has_class_token else "mean-patch"
+
+
+def stream_attention(
+    vit: ViT,
+    dataset: ImageDataset,
+    accumulator: LayerAccumulator,
+    *,
+    batch_size: int,
+    layers: Sequence[int] | None = None,
+    on_batch: Callable[[Batch], None] | None = None,
+    progress: Progress | None = None,
+    num_workers: int = 0,
+) -> int:
+    """Run ``vit`` over ``dataset`` and feed every chosen layer's attention to ``accumulator.update`` at once.
+
+    Args:
+        vit: the loaded model; batches go to ``vit.device``.
+        dataset: images preprocessed for ``vit`` (:func:`vitlens.data.open_dataset` with ``vit.preprocess``).
+        accumulator: receives ``update(layer, attn)`` for each chosen layer of each batch, in depth order. ``attn``
+            is valid only during the call: reduce it, never keep it.
+        batch_size: images per forward pass.
+        layers: 0-based layers to capture (negative from the end); all when None. Uncaptured layers keep their
+            fused attention kernel.
+        on_batch: called with the :class:`~vitlens.data.Batch` after its forward pass (e.g. to read and reset a
+            per-batch accumulator).
+        progress: called as ``progress(done, total)`` before the first batch and after every batch.
+        num_workers: DataLoader worker processes.
+
+    Returns:
+        The number of images that went through the model (unreadable ones are skipped with one warning).
+    """
+    total = len(dataset)
+    done = seen = 0
+    if progress is not None:
+        progress(0, total)
+    dtype = next(vit.model.parameters()).dtype
+    with torch.inference_mode(), attention_capture(vit, accumulator.update, layers=layers):
+        for batch in iterate_batches(dataset, batch_size=batch_size, num_workers=num_workers, device=vit.device):
+            # forward_features: attention lives in the blocks, the classifier head is not needed.
+            vit.features(batch.images.to(dtype))
+            seen += batch.images.shape[0]
+            if on_batch is not None:
+                on_batch(batch)
+            if progress is not None:
+                # Batches come in order, so everything up to this batch's last index was asked for (skips too).
+                done = int(batch.indices[-1]) + 1
+                progress(done, total)
+    if progress is not None and done != total:
+        progress(total, total)
+    return seen
+
+
+def mean_attention_distance_for(
+    vit: ViT,
+    dataset: ImageDataset,
+    *,
+    batch_size: int = 64,
+    renormalize: bool = True,
+    progress: Progress | None = None,
+    num_workers: int = 0,
+) -> AttentionDistance:
+    """Mean attention distance of every layer and head of ``vit``, averaged over ``dataset`` (ViT paper App. D.7).
+
+    The state is ``O(depth * heads)`` (see :class:`~vitlens.analysis.AttentionDistanceAccumulator`, which also
+    explains ``renormalize``); the result does not depend on ``batch_size``.
+
+    Raises:
+        VitlensError: no image could be read.
+    """
+    acc = AttentionDistanceAccumulator(vit.layout, depth=vit.depth, num_heads=vit.num_heads, renormalize=renormalize)
+    stream_attention(vit, dataset, acc, batch_size=batch_size, progress=progress, num_workers=num_workers)
+    return acc.result()
+
+
+def _check_start_layer(start_layer: int, depth: int) -> None:
+    if not 0 <= start_layer < depth:
+        raise UsageError(f"--start-layer {start_layer} is out of range: the model has {depth} layers (0..{depth - 1})")
+
+
+def _require_all(seen: int, dataset: ImageDataset) -> None:
+    # Per-image results are returned in dataset order; a skipped image would shift every later map onto the
+    # wrong image, so here a skip is an error rather than a warning.
+    if seen != len(dataset):
+        raise VitlensError(
+            f"{len(dataset) - seen} of {len(dataset)} images of {dataset.spec} could not be read; "
+            "per-image maps need every image"
+        )
+
+
+def rollout_for(
+    vit: ViT,
+    dataset: ImageDataset,
+    *,
+    batch_size: int = 64,
+    head_fusion: HeadFusion = "mean",
+    discard_ratio: float = 0.0,
+    start_layer: int = 0,
+    target: RolloutTarget | None = None,
+    progress: Progress | None = None,
+    num_workers: int = 0,
+) -> Rollout:
+    """Attention rollout (Abnar & Zuidema 2020; ViT paper App. D.8) of every image in ``dataset``.
+
+    The running product ``[B, N, N]`` lives for one batch only (the accumulator is reset after each), and each
+    batch's ``[B, H, W]`` maps are kept, so the result does not depend on ``batch_size``.
+
+    Args:
+        target: ``cls``, ``dist``, ``reg:N`` or ``mean-patch``; None for :func:`default_target`.
+        Others: as :class:`~vitlens.analysis.RolloutAccumulator`.
+
+    Returns:
+        Maps ``[len(dataset), H, W]`` in dataset order, each scaled to max 1.
+
+    Raises:
+        UsageError: bad option, or ``start_layer`` outside the model's layers.
+        VitlensError: the model has no ``target`` token, or an image could not be read.
+    """
+    target = default_target(vit.layout) if target is None else target
+    acc = RolloutAccumulator(vit.layout, head_fusion=head_fusion, discard_ratio=discard_ratio, start_layer=start_layer)
+    _check_start_layer(start_layer, vit.depth)
+    resolve_target(target, vit.layout)  # fail before any forward pass
+    maps: list[np.ndarray] = []  # [B, H, W] per batch
+    patch_mass: list[np.ndarray] = []  # [B] per batch
+
+    def read_and_reset(_batch: Batch) -> None:
+        part = acc.result(target=target)
+        maps.append(part.maps)
+        patch_mass.append(part.patch_mass)
+        acc.reset()
+
+    seen = stream_attention(
+        vit,
+        dataset,
+        acc,
+        batch_size=batch_size,
+        layers=range(start_layer, vit.depth),
+        on_batch=read_and_reset,
+        progress=progress,
+        num_workers=num_workers,
+    )
+    _require_all(seen, dataset)
+    return Rollout(
+        maps=np.concatenate(maps),  # [B, H, W]
+        patch_mass=np.concatenate(patch_mass),  # [B]
+        head_fusion=head_fusion,
+        discard_ratio=float(discard_ratio),
+        start_layer=start_layer,
+        num_layers=vit.depth - start_layer,
+        target=target,
+        grid_size=tuple(vit.layout.grid_size),
+    )
+
+
+class _HeadMaps:
+    """Collects :func:`~vitlens.analysis.cls_attention_per_head` of one layer, batch by batch."""
+
+    def __init__(self, layout: TokenLayout, layer: int, target: str) -> None:
+        self.layout, self.layer, self.target = layout, layer, target
+        self.parts: list[np.ndarray] = []  # [B, heads, H, W] per batch
+
+    def update(self, layer: int, attn: torch.Tensor) -> None:
+        if layer == self.layer:
+            self.parts.append(cls_attention_per_head(attn, self.layout, target=self.target))
+
+
+def head_attention_for(
+    vit: ViT,
+    dataset: ImageDataset,
+    *,
+    layer: int,
+    target: RolloutTarget | None = None,
+    batch_size: int = 64,
+    progress: Progress | None = None,
+    num_workers: int = 0,
+) -> np.ndarray:
+    """The ``target`` token's raw attention to each patch in ``layer``, per head (the DINO-style view).
+
+    Args:
+        layer: 0-based layer (negative from the end).
+        target: as :func:`rollout_for`; None for :func:`default_target`.
+
+    Returns:
+        ``[len(dataset), heads, H, W]`` attention weights, unscaled, in dataset order.
+
+    Raises:
+        UsageError: ``layer`` out of range or a malformed target.
+        VitlensError: the model has no ``target`` token, or an image could not be read.
+    """
+    target = default_target(vit.layout) if target is None else target
+    (index,) = resolve_layers([layer], vit.depth)
+    resolve_target(target, vit.layout)
+    acc = _HeadMaps(vit.layout, index, target)
+    seen = stream_attention(
+        vit, dataset, acc, batch_size=batch_size, layers=[index], progress=progress, num_workers=num_workers
+    )
+    _require_all(seen, dataset)
+    return np.concatenate(acc.parts)  # [B, heads, H, W]

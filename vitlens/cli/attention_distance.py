@@ -1,0 +1,205 @@
+"""`vitlens attention-distance`: mean attention distance per layer and head (ViT paper App. D.7, Fig. 7 right)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from vitlens.cli.console import err_console, out_console, print_json, run_metadata
+from vitlens.cli.options import (
+    ArchOpt,
+    BatchSizeOpt,
+    DataOpt,
+    DataRootOpt,
+    DeviceOpt,
+    DownloadOpt,
+    FormatOpt,
+    ImgSizeOpt,
+    JsonOpt,
+    ModelArg,
+    ModelKwargsOpt,
+    ModelOptions,
+    NumHeadsOpt,
+    NumImagesOpt,
+    OutOpt,
+    PretrainedOpt,
+    QuietOpt,
+    SplitOpt,
+    check_format,
+)
+from vitlens.errors import UsageError
+
+if TYPE_CHECKING:
+    from vitlens.analysis.attention_distance import AttentionDistance
+    from vitlens.models.vit import ViT
+
+# ViT paper App. D.7: "averaged over 128 example images".
+PAPER_NUM_IMAGES = 128
+
+RenormalizeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--renormalize/--no-renormalize",
+        help="Rescale each patch query's weights on patches to sum to 1, so attention to prefix tokens "
+        "(class, registers) does not count as distance 0; that mass is reported as prefix_mass.",
+        rich_help_panel="Attention distance",
+    ),
+]
+
+
+@contextmanager
+def progress_bar(description: str, *, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich progress bar on stderr, yielded as a ``progress(done, total)`` callback (None when disabled).
+
+    Drawn only on a terminal, and transient there, so that it leaves nothing behind: not in a log, not in a
+    captured stderr, not before an error line.
+    """
+    console = err_console()
+    if not enabled or not console.is_terminal:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("images"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        yield update
+
+
+def check_num_images(num_images: int | None) -> None:
+    if num_images is not None and num_images <= 0:
+        raise UsageError(f"--num-images must be a positive number, not {num_images}")
+
+
+def attention_distance(
+    model: ModelArg = None,
+    arch: ArchOpt = None,
+    num_heads: NumHeadsOpt = None,
+    model_kwargs: ModelKwargsOpt = None,
+    img_size: ImgSizeOpt = None,
+    device: DeviceOpt = "auto",
+    pretrained: PretrainedOpt = True,
+    data: DataOpt = "digits",
+    split: SplitOpt = "test",
+    num_images: NumImagesOpt = PAPER_NUM_IMAGES,
+    data_root: DataRootOpt = None,
+    download: DownloadOpt = False,
+    batch_size: BatchSizeOpt = 64,
+    renormalize: RenormalizeOpt = True,
+    out: OutOpt = Path("vitlens-out"),
+    fmt: FormatOpt = "png",
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Mean attention distance in pixels for every layer and head (ViT paper App. D.7, Fig. 7 right).
+
+    Writes attention_distance.{png,csv,npz,json} to --out. The paper averaged over 128 images.
+    """
+    from vitlens.attention import mean_attention_distance_for
+    from vitlens.data import open_dataset
+
+    started = time.perf_counter()
+    check_num_images(num_images)
+    fmt = check_format(fmt)
+    vit = ModelOptions(model, arch, num_heads, model_kwargs, img_size, device, pretrained).load()
+    dataset = open_dataset(
+        data, vit.preprocess, split=split, num_images=num_images, data_root=data_root, download=download
+    )
+    with progress_bar("attention distance", enabled=not quiet) as progress:
+        result = mean_attention_distance_for(
+            vit, dataset, batch_size=batch_size, renormalize=renormalize, progress=progress
+        )
+
+    payload = {
+        **result.to_dict(),
+        "source": vit.source,
+        "data": dataset.spec,
+        "depth": vit.depth,
+        "num_heads": vit.num_heads,
+        "prefix_tokens": list(vit.layout.prefix_kinds),
+    }
+    meta = run_metadata(started, command="attention-distance", device=str(vit.device), batch_size=batch_size)
+    files = _save(result, {**payload, "meta": meta}, out, fmt)
+    if json_:
+        print_json({**payload, "files": [str(f) for f in files], "meta": meta})
+    elif not quiet:
+        _summarise(result, vit, dataset.spec, out, files)
+
+
+def _save(result: AttentionDistance, payload: dict[str, Any], out: Path, fmt: str) -> list[Path]:
+    """Write the CSV, NPZ, JSON and figure (figure built first, so a plotting error leaves no files)."""
+    import numpy as np
+
+    from vitlens.io import ensure_out_dir, write_json, write_npz, write_text
+    from vitlens.plotting.attention_distance import attention_distance_figure
+    from vitlens.plotting.style import save_figure
+
+    fig = attention_distance_figure(result)
+    rows = ["layer,head,mean_px,std_px,prefix_mass"]
+    depth, heads = result.distance_px.shape
+    for layer in range(depth):
+        for head in range(heads):
+            values = (result.distance_px[layer, head], result.std_px[layer, head], result.prefix_mass[layer, head])
+            rows.append(f"{layer},{head}," + ",".join(f"{float(v):.6g}" for v in values))
+    out = ensure_out_dir(out)
+    files = [
+        write_text(out / "attention_distance.csv", "\n".join(rows) + "\n"),
+        write_npz(
+            out / "attention_distance.npz",
+            distance_px=result.distance_px,
+            std_px=result.std_px,
+            prefix_mass=result.prefix_mass,
+            uniform_px=np.float64(result.uniform_px),
+            num_images=np.int64(result.num_images),
+            renormalized=np.bool_(result.renormalized),
+            patch_size=np.asarray(result.patch_size),
+            grid_size=np.asarray(result.grid_size),
+        ),
+        write_json(out / "attention_distance.json", payload),
+        save_figure(fig, out / f"attention_distance.{fmt}", fmt=fmt),
+    ]
+    return files
+
+
+def _summarise(result: AttentionDistance, vit: ViT, spec: str, out: Path, files: list[Path]) -> None:
+    from rich.table import Table
+
+    renorm = "renormalised to patches" if result.renormalized else "not renormalised"
+    table = Table(
+        title=f"mean attention distance (px): {vit.source}, {result.num_images} images of {spec}, {renorm}",
+        title_justify="left",
+    )
+    for name in ("layer", "min", "mean", "max", "std over images", "prefix mass"):
+        table.add_column(name, justify="right")
+    for layer, (dist, std, mass) in enumerate(zip(result.distance_px, result.std_px, result.prefix_mass, strict=True)):
+        table.add_row(
+            str(layer),
+            f"{dist.min():.1f}",
+            f"{dist.mean():.1f}",
+            f"{dist.max():.1f}",
+            f"{std.mean():.1f}",
+            f"{mass.mean():.3f}",
+        )
+    console = out_console()
+    console.print(table)
+    console.print(
+        f"uniform attention over all patches: {result.uniform_px:.1f} px. "
+        "min/mean/max are over heads; std and prefix mass are averaged over heads."
+    )
+    console.print(f"wrote {', '.join(f.name for f in files)} to {out}")

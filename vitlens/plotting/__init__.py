@@ -1,0 +1,1 @@
+"""Figures: the only package that imports matplotlib. Each plot function takes a result and an ``ax``."""
