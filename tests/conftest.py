@@ -58,3 +58,31 @@ def native_kwargs(name: str) -> dict:
     if name == "nonsquare":
         out["img_size"] = "32,48"
     return out
+
+
+def cli_args(name: str) -> list[str]:
+    """The same loader options as :func:`native_kwargs`, on the command line."""
+    kw = native_kwargs(name)
+    args = ["--num-heads", str(kw["num_heads"]), "--device", kw["device"]]
+    return [*args, "--img-size", kw["img_size"]] if "img_size" in kw else args
+
+
+def save_fixture(tmp_path, name: str, model: torch.nn.Module | None = None):
+    """Save a fixture's (or ``model``'s) state dict as ``<name>.pth`` in ``tmp_path``; return the path."""
+    path = tmp_path / f"{name}.pth"
+    torch.save((model if model is not None else make_vit(name)).state_dict(), path)
+    return path
+
+
+def fixture_checkpoint(tmp_path, name: str) -> tuple[str, list[str]]:
+    """A saved fixture and the CLI options that load it."""
+    return str(save_fixture(tmp_path, name)), cli_args(name)
+
+
+def assert_one_line_error(result, code: int, needle: str) -> None:
+    """Exit ``code`` and one red ``error:`` line, last on stderr (logged warnings before it are allowed)."""
+    assert result.exit_code == code, (result.exit_code, result.output)
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], result.stderr
+    assert result.stderr.rstrip().endswith(errors[0].rstrip()), result.stderr
+    assert "Traceback" not in result.output and result.stdout == ""

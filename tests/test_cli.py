@@ -10,19 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.conftest import make_vit
+from tests.conftest import assert_one_line_error, make_vit
 from vitlens import __version__
 from vitlens.cli.app import app
 
 runner = CliRunner()
-
-
-def _one_line_error(result, code: int, needle: str) -> None:
-    assert result.exit_code == code, (result.exit_code, result.output)
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error:") and needle in lines[0], lines[0]
-    assert "Traceback" not in result.output
 
 
 def test_help_and_version_do_not_import_torch():
@@ -93,13 +85,13 @@ def test_info_table_says_what_was_guessed(tmp_path):
 )
 def test_user_errors_are_one_line(ckpt, args, code, needle):
     args = [a.replace("{ckpt}", str(ckpt)) for a in args]
-    _one_line_error(runner.invoke(app, args), code, needle)
+    assert_one_line_error(runner.invoke(app, args), code, needle)
 
 
 def test_cuda_without_gpu_is_one_line(ckpt):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    _one_line_error(runner.invoke(app, ["info", str(ckpt), "--device", "cuda"]), 1, "CUDA is not available")
+    assert_one_line_error(runner.invoke(app, ["info", str(ckpt), "--device", "cuda"]), 1, "CUDA is not available")
 
 
 def test_debug_keeps_traceback(ckpt, monkeypatch):

@@ -7,11 +7,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from tests.conftest import make_vit, native_kwargs
+from tests.conftest import assert_one_line_error, fixture_checkpoint, native_kwargs
 from vitlens.attention import mean_attention_distance_for
 from vitlens.cli.app import app
 from vitlens.data import open_dataset
@@ -21,28 +20,13 @@ runner = CliRunner()
 LAYOUTS = ["reg", "distilled", "gap", "reg_no_embed_class", "nonsquare"]
 
 
-def _checkpoint(tmp_path, name: str) -> tuple[str, list[str]]:
-    path = tmp_path / f"{name}.pth"
-    torch.save(make_vit(name).state_dict(), path)
-    args = ["--num-heads", "3", "--device", "cpu"]
-    if name == "nonsquare":
-        args += ["--img-size", "32,48"]
-    return str(path), args
-
-
 def _run(*args: str):
     return runner.invoke(app, ["attention-distance", *args])
 
 
-def _one_line_error(result, code: int, needle: str) -> None:
-    assert result.exit_code == code, (result.exit_code, result.output)
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.stderr
-
-
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_every_layout_end_to_end(tmp_path, name):
-    ckpt, args = _checkpoint(tmp_path, name)
+    ckpt, args = fixture_checkpoint(tmp_path, name)
     out = tmp_path / "out"
     result = _run(ckpt, *args, "--data", "digits", "--num-images", "12", "--out", str(out), "--json")
     assert result.exit_code == 0, result.output
@@ -81,7 +65,7 @@ def test_every_layout_end_to_end(tmp_path, name):
 
 
 def test_images_from_a_folder_any_mode_and_size(tmp_path):
-    ckpt, args = _checkpoint(tmp_path, "reg")
+    ckpt, args = fixture_checkpoint(tmp_path, "reg")
     folder = tmp_path / "photos"
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -97,7 +81,7 @@ def test_images_from_a_folder_any_mode_and_size(tmp_path):
 
 
 def test_batch_size_format_table_and_quiet(tmp_path):
-    ckpt, args = _checkpoint(tmp_path, "reg")
+    ckpt, args = fixture_checkpoint(tmp_path, "reg")
     common = [ckpt, *args, "--num-images", "12"]
     one = _run(*common, "--batch-size", "1", "--out", str(tmp_path / "a"), "--json")
     many = _run(*common, "--batch-size", "12", "--out", str(tmp_path / "b"), "--json", "--format", "SVG")
@@ -128,7 +112,7 @@ def test_batch_size_format_table_and_quiet(tmp_path):
     ],
 )
 def test_errors_are_one_line_and_write_nothing(tmp_path, extra, code, needle):
-    ckpt, args = _checkpoint(tmp_path, "reg")
+    ckpt, args = fixture_checkpoint(tmp_path, "reg")
     out = tmp_path / "out"
-    _one_line_error(_run(ckpt, *args, "--out", str(out), *extra), code, needle)
+    assert_one_line_error(_run(ckpt, *args, "--out", str(out), *extra), code, needle)
     assert not out.exists()

@@ -12,7 +12,7 @@ from PIL import Image
 from sklearn.decomposition import PCA
 from typer.testing import CliRunner
 
-from tests.conftest import VIT_FIXTURES, make_vit, native_kwargs
+from tests.conftest import VIT_FIXTURES, assert_one_line_error, cli_args, make_vit, save_fixture
 from vitlens.analysis import filter_pca
 from vitlens.cli.app import app
 from vitlens.errors import VitlensError
@@ -22,31 +22,10 @@ from vitlens.models.vit import ViT
 runner = CliRunner()
 
 
-def _ckpt(tmp_path, name: str, model: torch.nn.Module | None = None):
-    path = tmp_path / f"{name}.pth"
-    torch.save((model if model is not None else make_vit(name)).state_dict(), path)
-    return path
-
-
-def _args(name: str) -> list[str]:
-    kw = native_kwargs(name)
-    args = ["--num-heads", str(kw["num_heads"]), "--device", kw["device"]]
-    return [*args, "--img-size", kw["img_size"]] if "img_size" in kw else args
-
-
 def _run(tmp_path, name: str, *extra: str, out_name: str = "out", model=None):
-    ckpt = _ckpt(tmp_path, name, model)
+    ckpt = save_fixture(tmp_path, name, model)
     out = tmp_path / out_name
-    return runner.invoke(app, ["filters", str(ckpt), *_args(name), "--out", str(out), *extra]), out
-
-
-def _one_line_error(result, code: int, needle: str) -> None:
-    """Exit ``code`` and one red line on stderr (logged warnings before it, such as the loader's, are allowed)."""
-    assert result.exit_code == code, (result.exit_code, result.output)
-    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and needle in errors[0], result.stderr
-    assert result.stderr.rstrip().endswith(errors[0].rstrip()), result.stderr
-    assert "Traceback" not in result.output and result.stdout == ""
+    return runner.invoke(app, ["filters", str(ckpt), *cli_args(name), "--out", str(out), *extra]), out
 
 
 @functools.cache
@@ -153,7 +132,7 @@ def test_vector_formats(tmp_path, fmt, magic):
 )
 def test_usage_errors_exit_2_and_write_nothing(tmp_path, extra, needle):
     result, out = _run(tmp_path, "cls", *extra)
-    _one_line_error(result, 2, needle)
+    assert_one_line_error(result, 2, needle)
     assert not out.exists()
 
 
@@ -162,7 +141,7 @@ def test_non_finite_weights_are_one_line(tmp_path):
     with torch.no_grad():
         model.patch_embed.proj.weight[0, 0, 0, 0] = float("nan")
     result, out = _run(tmp_path, "cls", model=model)
-    _one_line_error(result, 1, "NaN/inf")
+    assert_one_line_error(result, 1, "NaN/inf")
     assert not out.exists()
 
 
@@ -171,7 +150,7 @@ def test_hybrid_cnn_stem_through_the_cli(tmp_path):
     out = tmp_path / "out"
     args = ["filters", "vit_tiny_r_s16_p8_224", "--no-pretrained", "--device", "cpu", "--out", str(out)]
     result = runner.invoke(app, [*args, "--model-kwargs", '{"depth": 1, "img_size": 64}'])
-    _one_line_error(result, 1, "not one linear projection")
+    assert_one_line_error(result, 1, "not one linear projection")
     assert not out.exists()
 
 

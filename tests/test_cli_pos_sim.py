@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from tests.conftest import VIT_FIXTURES, make_vit, native_kwargs
+from tests.conftest import VIT_FIXTURES, assert_one_line_error, cli_args, make_vit, save_fixture
 from vitlens.analysis import position_similarity
 from vitlens.cli.app import app
 from vitlens.layout import TokenLayout
@@ -28,32 +28,11 @@ GRIDS = {
 }
 
 
-def _ckpt(tmp_path, name: str, model: torch.nn.Module | None = None):
-    path = tmp_path / f"{name}.pth"
-    torch.save((model if model is not None else make_vit(name)).state_dict(), path)
-    return path
-
-
-def _args(name: str) -> list[str]:
-    kw = native_kwargs(name)
-    args = ["--num-heads", str(kw["num_heads"]), "--device", kw["device"]]
-    return [*args, "--img-size", kw["img_size"]] if "img_size" in kw else args
-
-
 def _run(tmp_path, name: str, *extra: str, out_name: str = "out", model=None, args=None):
-    ckpt = _ckpt(tmp_path, name, model)
+    ckpt = save_fixture(tmp_path, name, model)
     out = tmp_path / out_name
-    args = _args(name) if args is None else args
+    args = cli_args(name) if args is None else args
     return runner.invoke(app, ["pos-sim", str(ckpt), *args, "--out", str(out), *extra]), out
-
-
-def _one_line_error(result, code: int, needle: str) -> None:
-    """Exit ``code`` and one red line on stderr (logged warnings before it, such as the loader's, are allowed)."""
-    assert result.exit_code == code, (result.exit_code, result.output)
-    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and needle in errors[0], result.stderr
-    assert result.stderr.rstrip().endswith(errors[0].rstrip()), result.stderr
-    assert "Traceback" not in result.output and result.stdout == ""
 
 
 def plain_patch_cosine(model: torch.nn.Module, grid: tuple[int, int]) -> np.ndarray:
@@ -160,7 +139,7 @@ def test_no_position_embedding_is_one_line(tmp_path):
 
     model = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=3, pos_embed="none")
     result, out = _run(tmp_path, "nope", model=model, args=["--num-heads", "3", "--device", "cpu", "--img-size", "32"])
-    _one_line_error(result, 1, "no learned absolute position embedding")
+    assert_one_line_error(result, 1, "no learned absolute position embedding")
     assert not out.exists()
 
 
@@ -169,11 +148,11 @@ def test_non_finite_embedding_is_one_line(tmp_path):
     with torch.no_grad():
         model.pos_embed[0, 3, 0] = float("inf")
     result, out = _run(tmp_path, "cls", model=model)
-    _one_line_error(result, 1, "NaN/inf")
+    assert_one_line_error(result, 1, "NaN/inf")
     assert not out.exists()
 
 
 def test_bad_format_is_a_usage_error(tmp_path):
     result, out = _run(tmp_path, "cls", "--format", "gif")
-    _one_line_error(result, 2, "--format")
+    assert_one_line_error(result, 2, "--format")
     assert not out.exists()

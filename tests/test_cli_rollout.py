@@ -6,11 +6,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from tests.conftest import make_vit, native_kwargs
+from tests.conftest import assert_one_line_error, fixture_checkpoint, native_kwargs
 from vitlens.attention import head_attention_for, rollout_for
 from vitlens.cli.app import app
 from vitlens.cli.rollout import unique_stems
@@ -21,23 +20,8 @@ runner = CliRunner()
 LAYOUTS = ["reg", "distilled", "gap", "reg_no_embed_class", "nonsquare"]
 
 
-def _checkpoint(tmp_path, name: str) -> tuple[str, list[str]]:
-    path = tmp_path / f"{name}.pth"
-    torch.save(make_vit(name).state_dict(), path)
-    args = ["--num-heads", "3", "--device", "cpu"]
-    if name == "nonsquare":
-        args += ["--img-size", "32,48"]
-    return str(path), args
-
-
 def _run(*args: str):
     return runner.invoke(app, ["rollout", *args])
-
-
-def _one_line_error(result, code: int, needle: str) -> None:
-    assert result.exit_code == code, (result.exit_code, result.output)
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.stderr
 
 
 def _photos(folder, n_sub: bool = False) -> list[str]:
@@ -57,7 +41,7 @@ def _photos(folder, n_sub: bool = False) -> list[str]:
 
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_every_layout_with_data(tmp_path, name):
-    ckpt, args = _checkpoint(tmp_path, name)
+    ckpt, args = fixture_checkpoint(tmp_path, name)
     out = tmp_path / "out"
     result = _run(
         ckpt, *args, "--data", "digits", "--num-images", "12", "--batch-size", "5", "--out", str(out), "--json"
@@ -90,7 +74,7 @@ def test_every_layout_with_data(tmp_path, name):
 
 
 def test_image_files_per_head_and_unique_stems(tmp_path):
-    ckpt, args = _checkpoint(tmp_path, "reg")
+    ckpt, args = fixture_checkpoint(tmp_path, "reg")
     images = _photos(tmp_path / "photos", n_sub=True)
     out = tmp_path / "out"
     result = _run(ckpt, *images, *args, "--per-head", "--layer", "0", "--out", str(out), "--json")
@@ -112,7 +96,7 @@ def test_image_files_per_head_and_unique_stems(tmp_path):
 
 
 def test_options_reach_the_analysis_and_one_image_has_no_grid(tmp_path):
-    ckpt, args = _checkpoint(tmp_path, "reg")
+    ckpt, args = fixture_checkpoint(tmp_path, "reg")
     images = _photos(tmp_path / "photos")
     opts = ["--head-fusion", "max", "--discard-ratio", "0.5", "--start-layer", "1", "--target", "reg:3"]
     result = _run(ckpt, images[0], *args, *opts, "--out", str(tmp_path / "out"), "--json", "--format", "pdf")
@@ -135,7 +119,7 @@ def test_options_reach_the_analysis_and_one_image_has_no_grid(tmp_path):
 
 
 def test_folder_batch_size_table_and_quiet(tmp_path):
-    ckpt, args = _checkpoint(tmp_path, "nonsquare")
+    ckpt, args = fixture_checkpoint(tmp_path, "nonsquare")
     folder = tmp_path / "photos"
     _photos(folder)
     one = _run(ckpt, str(folder), *args, "--batch-size", "1", "--out", str(tmp_path / "a"), "--json")
@@ -154,7 +138,7 @@ def test_folder_batch_size_table_and_quiet(tmp_path):
 def test_a_first_argument_that_is_an_image_is_not_the_model(tmp_path, monkeypatch):
     from vitlens.cli import options
 
-    ckpt, _ = _checkpoint(tmp_path, "reg")
+    ckpt, _ = fixture_checkpoint(tmp_path, "reg")
     images = _photos(tmp_path / "photos")
     asked: list[str | None] = []
     load = options.ModelOptions.load
@@ -193,10 +177,10 @@ def test_unique_stems():
     ],
 )
 def test_errors_are_one_line_and_write_nothing(tmp_path, extra, code, needle):
-    ckpt, args = _checkpoint(tmp_path, "reg")
+    ckpt, args = fixture_checkpoint(tmp_path, "reg")
     cat = _photos(tmp_path / "photos")[0]
     (tmp_path / "notes.txt").write_text("not an image")
     fill = {"{cat}": cat, "{notes}": str(tmp_path / "notes.txt"), "{missing}": str(tmp_path / "nope.png")}
     out = tmp_path / "out"
-    _one_line_error(_run(ckpt, *[fill.get(a, a) for a in extra], *args, "--out", str(out)), code, needle)
+    assert_one_line_error(_run(ckpt, *[fill.get(a, a) for a in extra], *args, "--out", str(out)), code, needle)
     assert not out.exists()

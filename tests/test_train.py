@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from tests.conftest import make_vit
+from tests.conftest import assert_one_line_error, make_vit
 from vitlens.cli.app import app
 from vitlens.errors import Interrupted
 from vitlens.models import load_vit
@@ -168,9 +168,7 @@ def test_cli_train_errors(tmp_path, setup, args, needle):
     if "--out" not in args and "--resume" not in args:
         args += ["--out", str(tmp_path / "out")]
     result = _cli(*args, "--epochs", "1", "--device", "cpu")
-    assert result.exit_code == 1, result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert_one_line_error(result, 1, needle)
 
 
 @pytest.mark.slow

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from vitlens.cli.console import err_console, out_console, print_json, run_metadata
+from vitlens.cli.console import out_console, print_json, progress_bar, run_metadata
 from vitlens.cli.options import (
     ArchOpt,
     BatchSizeOpt,
@@ -31,8 +29,8 @@ from vitlens.cli.options import (
     QuietOpt,
     SplitOpt,
     check_format,
+    check_num_images,
 )
-from vitlens.errors import UsageError
 
 if TYPE_CHECKING:
     from vitlens.analysis.attention_distance import AttentionDistance
@@ -50,41 +48,6 @@ RenormalizeOpt = Annotated[
         rich_help_panel="Attention distance",
     ),
 ]
-
-
-@contextmanager
-def progress_bar(description: str, *, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
-    """A rich progress bar on stderr, yielded as a ``progress(done, total)`` callback (None when disabled).
-
-    Drawn only on a terminal, and transient there, so that it leaves nothing behind: not in a log, not in a
-    captured stderr, not before an error line.
-    """
-    console = err_console()
-    if not enabled or not console.is_terminal:
-        yield None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("images"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
-        task = bar.add_task(description, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
-
-
-def check_num_images(num_images: int | None) -> None:
-    if num_images is not None and num_images <= 0:
-        raise UsageError(f"--num-images must be a positive number, not {num_images}")
 
 
 def attention_distance(

@@ -187,3 +187,8 @@ def check_format(fmt: str) -> str:
     if value not in FIGURE_FORMATS:
         raise UsageError(f"--format must be one of {', '.join(FIGURE_FORMATS)}, not {fmt!r}")
     return value
+
+
+def check_num_images(num_images: int | None) -> None:
+    if num_images is not None and num_images <= 0:
+        raise UsageError(f"--num-images must be a positive number, not {num_images}")

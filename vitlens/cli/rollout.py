@@ -8,8 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from vitlens.cli.attention_distance import check_num_images, progress_bar
-from vitlens.cli.console import err_console, out_console, print_json, run_metadata
+from vitlens.cli.console import err_console, out_console, print_json, progress_bar, run_metadata
 from vitlens.cli.options import (
     DATA_PANEL,
     ArchOpt,
@@ -30,6 +29,7 @@ from vitlens.cli.options import (
     QuietOpt,
     SplitOpt,
     check_format,
+    check_num_images,
 )
 from vitlens.errors import UsageError
 

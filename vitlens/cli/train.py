@@ -137,46 +137,47 @@ def train(
 
 
 class _Progress:
-    """A rich progress bar per epoch (loss, images/s) on stderr, and one line per finished epoch."""
+    """A transient rich progress bar per epoch (loss) on a terminal, and one stderr line per finished epoch."""
 
     def __init__(self, *, quiet: bool) -> None:
         self.quiet = quiet
+        self.console = err_console()
         self.bar = None
         self.task = None
         self.epochs = 0
         self.steps = 0
 
     def start(self, epochs: int, steps_per_epoch: int, start_epoch: int) -> None:
-        if self.quiet:
+        self.epochs, self.steps = epochs, steps_per_epoch
+        if self.quiet or not self.console.is_terminal:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.epochs, self.steps = epochs, steps_per_epoch
         self.bar = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.3f}"),
             TimeRemainingColumn(),
-            console=err_console(),
+            console=self.console,
             transient=True,
         )
         self.bar.start()
         self.task = self.bar.add_task(f"epoch {start_epoch + 1}/{epochs}", total=steps_per_epoch, loss=float("nan"))
 
     def step(self, epoch: int, step: int, loss: float) -> None:
-        if self.bar is None:
-            return
-        self.bar.update(self.task, completed=step + 1, loss=loss, description=f"epoch {epoch + 1}/{self.epochs}")
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step + 1, loss=loss, description=f"epoch {epoch + 1}/{self.epochs}")
 
     def epoch(self, stats) -> None:
-        if self.bar is None:
+        if self.quiet:
             return
-        self.bar.console.print(
+        self.console.print(
             f"epoch {stats.epoch:>3}/{self.epochs}  loss {stats.train_loss:.4f}  "
             f"held-out {100 * stats.test_acc:6.2f}%  {stats.images_per_s:,.0f} img/s  {stats.seconds:.1f} s"
         )
-        self.bar.reset(self.task, total=self.steps, loss=float("nan"))
+        if self.bar is not None:
+            self.bar.reset(self.task, total=self.steps, loss=float("nan"))
 
     def close(self) -> None:
         if self.bar is not None:
