@@ -292,3 +292,25 @@ def test_atomic_outputs_get_normal_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+
+
+def test_offline_pretrained_uses_the_cache_only_and_fails_in_one_line(monkeypatch):
+    import timm
+    from huggingface_hub import constants
+
+    import vitlens.models.load as load_mod
+
+    monkeypatch.setattr(load_mod, "_host_resolves", lambda host, timeout=3.0: False)
+    seen = []
+    real_create = timm.create_model
+
+    def spy(*args, **kwargs):
+        seen.append(constants.HF_HUB_OFFLINE)  # no minute of download retries: the hub client is offline
+        return real_create(*args, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", spy)
+    before = constants.HF_HUB_OFFLINE
+    with pytest.raises(VitlensError, match="could not fetch pretrained weights .*--no-pretrained"):
+        load_vit("vit_tiny_patch16_224.augreg_in21k", device="cpu")
+    assert seen == [True]
+    assert before == constants.HF_HUB_OFFLINE

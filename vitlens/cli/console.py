@@ -42,6 +42,8 @@ def setup_logging(*, quiet: bool = False, verbose: bool = False) -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING)
     logger.propagate = False
+    # The hub client logs every retry of a failed download; vitlens reports the failure once, in one line.
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
 
 def fail(message: str, code: int) -> typer.Exit:

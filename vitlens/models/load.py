@@ -9,9 +9,12 @@ in eval mode on the chosen device, with ``--img-size`` applied by resampling the
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
 from vitlens.device import resolve_device
 from vitlens.errors import UsageError, VitlensError
@@ -319,7 +322,8 @@ def _load_timm_name(name: str, model_kwargs: dict[str, Any], pretrained: bool) -
             "(e.g. vit_small_patch16_224.augreg_in21k), hf-hub:org/name, or demo"
         )
     try:
-        model = timm.create_model(name, pretrained=pretrained, **model_kwargs)
+        with _hub_offline_if_unreachable(pretrained):
+            model = timm.create_model(name, pretrained=pretrained, **model_kwargs)
     except (TypeError, ValueError, AssertionError) as e:
         raise VitlensError(f"cannot build '{name}' with {_fmt_kwargs(model_kwargs)}: {e}")
     except Exception as e:  # network stacks raise many types (OSError, HTTP, hub errors)
@@ -335,6 +339,51 @@ def _load_timm_name(name: str, model_kwargs: dict[str, Any], pretrained: bool) -
     tag = getattr(model, "pretrained_cfg", {}).get("tag") if pretrained else "random-init"
     vit.identity = f"timm:{name}:{tag}"
     return vit
+
+
+def _host_resolves(host: str, timeout: float = 3.0) -> bool:
+    """Whether ``host`` resolves within ``timeout`` seconds (a DNS lookup on a daemon thread, nothing sent)."""
+    import socket
+    import threading
+
+    answers: list[bool] = []
+
+    def lookup() -> None:
+        try:
+            socket.getaddrinfo(host, 443)
+            answers.append(True)
+        except OSError:
+            answers.append(False)
+
+    thread = threading.Thread(target=lookup, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(answers and answers[0])
+
+
+@contextmanager
+def _hub_offline_if_unreachable(pretrained: bool) -> Iterator[None]:
+    """Use the Hugging Face hub's offline mode (cache only) when its host does not even resolve.
+
+    Without this, an offline machine spends about a minute in the hub client's retries before failing; with it, a
+    cached model still loads and a missing one fails at once.
+    """
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        yield
+        return
+    host = urlparse(constants.ENDPOINT).hostname or ""
+    if not pretrained or constants.HF_HUB_OFFLINE or _host_resolves(host):
+        yield
+        return
+    logger.info("%s does not resolve: looking for the weights in the local cache only", host)
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
 
 
 def _timm_preprocess(model: nn.Module) -> Preprocess:
