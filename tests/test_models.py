@@ -314,3 +314,14 @@ def test_offline_pretrained_uses_the_cache_only_and_fails_in_one_line(monkeypatc
         load_vit("vit_tiny_patch16_224.augreg_in21k", device="cpu")
     assert seen == [True]
     assert before == constants.HF_HUB_OFFLINE
+
+
+def test_checkpoints_get_normal_permissions(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "c.safetensors", make_vit("cls").state_dict(), {"arch": "x", "model_kwargs": {}})
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "c.safetensors").stat().st_mode & 0o777 == 0o644

@@ -42,11 +42,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        # mkstemp creates 0600; give the final file the permissions a plain open() would (0666 minus umask).
+        yield tmp
+        # mkstemp (and some writers, e.g. safetensors) create 0600; give the file what open() would: 0666 - umask.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

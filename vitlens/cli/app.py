@@ -9,6 +9,7 @@ import typer
 
 from vitlens import __version__
 from vitlens.cli import attention_distance as attention_distance_cmd
+from vitlens.cli import fewshot as fewshot_cmd
 from vitlens.cli import filters as filters_cmd
 from vitlens.cli import info as info_cmd
 from vitlens.cli import pos_sim as pos_sim_cmd
@@ -51,6 +52,7 @@ app.command("pos-sim")(handle_errors(pos_sim_cmd.pos_sim))
 app.command("attention-distance")(handle_errors(attention_distance_cmd.attention_distance))
 app.command("rollout")(handle_errors(rollout_cmd.rollout))
 app.command("train")(handle_errors(train_cmd.train))
+app.command("fewshot")(handle_errors(fewshot_cmd.fewshot))
 
 
 def main() -> None:
