@@ -196,4 +196,4 @@ def test_demo_model_on_digits_is_far_above_chance(tmp_path):
     data = json.loads(result.stdout)
     assert data["source"] == "demo" and data["data"] == "digits:train" and data["chance"] == pytest.approx(0.1)
     (row,) = data["results"]
-    assert row["shots"] == 10 and row["mean"] > 0.6
+    assert row["shots"] == 10 and row["mean"] > 0.8  # a model trained with the demo preset: 0.97
