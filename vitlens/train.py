@@ -144,7 +144,7 @@ class TrainResult:
 class TrainCallbacks:
     """Progress hooks for the CLI; the library itself prints nothing."""
 
-    on_start: Callable[[int, int, int], None] | None = None  # (epochs, steps_per_epoch, start_epoch)
+    on_start: Callable[[int, int, int, int], None] | None = None  # (epochs, steps_per_epoch, start_epoch, batch)
     on_step: Callable[[int, int, float], None] | None = None  # (epoch, step, loss)
     on_epoch: Callable[[EpochStats], None] | None = None
 
@@ -390,7 +390,7 @@ def train(
         if start_epoch >= config.epochs:
             raise VitlensError(f"the run in {out} already finished {start_epoch} epochs; raise --epochs to extend it")
     if callbacks.on_start:
-        callbacks.on_start(config.epochs, steps_per_epoch, start_epoch)
+        callbacks.on_start(config.epochs, steps_per_epoch, start_epoch, config.batch_size)
 
     meta_base = {
         "arch": built.arch,

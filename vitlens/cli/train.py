@@ -147,7 +147,7 @@ class _Progress:
         self.epochs = 0
         self.steps = 0
 
-    def start(self, epochs: int, steps_per_epoch: int, start_epoch: int) -> None:
+    def start(self, epochs: int, steps_per_epoch: int, start_epoch: int, batch_size: int) -> None:
         self.epochs, self.steps = epochs, steps_per_epoch
         if self.quiet or not self.console.is_terminal:
             return
@@ -158,16 +158,28 @@ class _Progress:
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("loss {task.fields[loss]:.3f}"),
+            TextColumn("{task.fields[ips]:,.0f} img/s"),
             TimeRemainingColumn(),
             console=self.console,
             transient=True,
         )
         self.bar.start()
-        self.task = self.bar.add_task(f"epoch {start_epoch + 1}/{epochs}", total=steps_per_epoch, loss=float("nan"))
+        self.task = self.bar.add_task(
+            f"epoch {start_epoch + 1}/{epochs}", total=steps_per_epoch, loss=float("nan"), ips=0.0
+        )
+        self.batch_size = batch_size
+        self.epoch_started = time.perf_counter()
+        self.first_step = None
 
     def step(self, epoch: int, step: int, loss: float) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, completed=step + 1, loss=loss, description=f"epoch {epoch + 1}/{self.epochs}")
+        if self.bar is None:
+            return
+        if self.first_step is None:
+            self.first_step, self.epoch_started = step, time.perf_counter()
+        elapsed = time.perf_counter() - self.epoch_started
+        ips = (step - self.first_step) * self.batch_size / elapsed if elapsed > 0 else 0.0
+        desc = f"epoch {epoch + 1}/{self.epochs}"
+        self.bar.update(self.task, completed=step + 1, loss=loss, ips=ips, description=desc)
 
     def epoch(self, stats) -> None:
         if self.quiet:
@@ -177,7 +189,8 @@ class _Progress:
             f"held-out {100 * stats.test_acc:6.2f}%  {stats.images_per_s:,.0f} img/s  {stats.seconds:.1f} s"
         )
         if self.bar is not None:
-            self.bar.reset(self.task, total=self.steps, loss=float("nan"))
+            self.bar.reset(self.task, total=self.steps, loss=float("nan"), ips=0.0)
+            self.first_step = None
 
     def close(self) -> None:
         if self.bar is not None:
