@@ -81,7 +81,16 @@ def stream_attention(
     if progress is not None:
         progress(0, total)
     dtype = next(vit.model.parameters()).dtype
-    with torch.inference_mode(), attention_capture(vit, accumulator.update, layers=layers):
+    # NaN/inf attention (NaN weights, fp16 overflow) would give NaN results; the flags stay on the device, so
+    # checking costs no synchronisation per layer, only one at the end.
+    non_finite: dict[int, torch.Tensor] = {}
+
+    def update(layer: int, attn: torch.Tensor) -> None:
+        bad = ~torch.isfinite(attn).all()
+        non_finite[layer] = bad if layer not in non_finite else non_finite[layer] | bad
+        accumulator.update(layer, attn)
+
+    with torch.inference_mode(), attention_capture(vit, update, layers=layers):
         for batch in iterate_batches(dataset, batch_size=batch_size, num_workers=num_workers, device=vit.device):
             # forward_features: attention lives in the blocks, the classifier head is not needed.
             vit.features(batch.images.to(dtype))
@@ -94,6 +103,12 @@ def stream_attention(
                 progress(done, total)
     if progress is not None and done != total:
         progress(total, total)
+    bad_layers = [layer for layer, bad in sorted(non_finite.items()) if bool(bad)]
+    if bad_layers:
+        raise VitlensError(
+            f"the attention of layer {bad_layers[0]} has NaN/inf values (NaN/inf weights in the checkpoint, or an "
+            f"overflow in {dtype}): the attention analyses are undefined"
+        )
     return seen
 
 

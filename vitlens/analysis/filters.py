@@ -81,7 +81,10 @@ def filter_pca(weight: torch.Tensor, *, num_components: int | None = None) -> Fi
     comps = comps * signs
 
     total = (s**2).sum()
-    ratio = s[:k] ** 2 / total if total > 0 else torch.zeros_like(s[:k])
+    # Identical filters leave only float64 round-off after centring (~1e-32 of their energy); a ratio of that
+    # would call noise "100% explained", so variance below 1e-20 of the filters' energy counts as none.
+    has_variance = total > 1e-20 * (flat**2).sum()
+    ratio = s[:k] ** 2 / total if has_variance else torch.zeros_like(s[:k])
     return FilterPCA(
         components=to_numpy(rearrange(comps, "k (c ph pw) -> k c ph pw", c=c, ph=ph, pw=pw)),
         explained_variance_ratio=to_numpy(ratio),

@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,7 +139,10 @@ def _read_torch(path: Path) -> RawCheckpoint:
 
     # argparse.Namespace holds training arguments in many checkpoints (DeiT, MAE); rebuilding one runs no code.
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        # torch warns (a raw Python warning on stderr) about pickle protocols it may not parse; a failure is
+        # reported below in one line, so the warning only adds noise.
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         culprit = _unsafe_global(str(e)) or _code_global_in_pickle(path)
