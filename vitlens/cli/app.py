@@ -9,13 +9,16 @@ import typer
 
 from vitlens import __version__
 from vitlens.cli import attention_distance as attention_distance_cmd
+from vitlens.cli import config as config_cmd
 from vitlens.cli import fewshot as fewshot_cmd
 from vitlens.cli import filters as filters_cmd
 from vitlens.cli import info as info_cmd
 from vitlens.cli import pos_sim as pos_sim_cmd
+from vitlens.cli import report as report_cmd
 from vitlens.cli import rollout as rollout_cmd
 from vitlens.cli import train as train_cmd
-from vitlens.cli.console import handle_errors, setup_logging
+from vitlens.cli.console import fail, handle_errors, setup_logging
+from vitlens.errors import VitlensError
 
 app = typer.Typer(
     name="vitlens",
@@ -35,6 +38,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_callback(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
@@ -44,6 +48,10 @@ def main_callback(
     if debug:
         os.environ["VITLENS_DEBUG"] = "1"
     setup_logging(verbose=verbose)
+    try:  # project defaults (vitlens.toml / [tool.vitlens] / VITLENS_*) become click's default_map
+        config_cmd.apply_settings(ctx)
+    except VitlensError as e:
+        raise fail(str(e), e.exit_code) from None
 
 
 app.command("info")(handle_errors(info_cmd.info))
@@ -53,6 +61,8 @@ app.command("attention-distance")(handle_errors(attention_distance_cmd.attention
 app.command("rollout")(handle_errors(rollout_cmd.rollout))
 app.command("train")(handle_errors(train_cmd.train))
 app.command("fewshot")(handle_errors(fewshot_cmd.fewshot))
+app.command("report")(handle_errors(report_cmd.report))
+app.command("config")(handle_errors(config_cmd.config))
 
 
 def main() -> None:

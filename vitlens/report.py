@@ -1,0 +1,673 @@
+"""`vitlens report`: every analysis of one model in one folder, with an HTML page, a Markdown summary and a JSON file.
+
+The model is loaded once by the caller and each section calls the library (never the CLI commands), so a failing
+section is recorded and the others still run. Each section writes the files its single command would.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from vitlens.errors import UsageError, VitlensError
+
+if TYPE_CHECKING:
+    from vitlens.data import ImageDataset
+    from vitlens.models.vit import ViT
+
+SECTIONS = ("info", "filters", "pos-sim", "attention-distance", "rollout", "fewshot")
+Status = Literal["ok", "failed", "skipped"]
+
+# Modest defaults so that the whole report on the demo model and digits takes about a minute on two CPU cores.
+DEFAULT_NUM_IMAGES = 128  # attention distance: the ViT paper's App. D.7 averaged over 128 images
+DEFAULT_ROLLOUT_IMAGES = 6
+DEFAULT_SHOTS = (1, 5, 10)  # big_vision's 1, 5, 10 (25 left out: digits' test split is small and it adds time)
+DEFAULT_SEEDS = 3
+DEFAULT_L2 = 1024.0  # big_vision's fewshot_lsr l2_reg 2**10
+
+
+@dataclass(frozen=True)
+class SectionResult:
+    """One section's outcome.
+
+    Attributes:
+        status: ``ok``, ``failed`` (``error`` says why, in one line) or ``skipped`` (``error`` says why).
+        summary: the section's key numbers, JSON-ready.
+        files: what the section wrote, relative to the report folder.
+        key: one line with the section's headline number, for tables.
+    """
+
+    name: str
+    status: Status
+    seconds: float = 0.0
+    summary: dict[str, Any] = field(default_factory=dict)
+    files: tuple[str, ...] = ()
+    error: str | None = None
+    key: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "seconds": round(self.seconds, 3),
+            "error": self.error,
+            "key": self.key,
+            "summary": self.summary,
+            "files": list(self.files),
+        }
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    """What :func:`build_report` did: per-section results, ``summary.json``'s content, and the files written."""
+
+    out: Path
+    sections: tuple[SectionResult, ...]
+    summary: dict[str, Any]
+    files: tuple[Path, ...]
+
+    @property
+    def failed(self) -> list[str]:
+        return [s.name for s in self.sections if s.status == "failed"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+class _Skip(Exception):
+    """A section that does not apply to this model or data (not an error)."""
+
+
+def parse_sections(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """``"info,filters"`` (or a list of such) as section names in report order; None for all.
+
+    Raises:
+        UsageError: an unknown name.
+    """
+    if value is None:
+        return SECTIONS
+    parts = [value] if isinstance(value, str) else list(value)
+    names = {p.strip().lower() for part in parts for p in part.split(",") if p.strip()}
+    unknown = sorted(names - set(SECTIONS))
+    if unknown or not names:
+        shown = ", ".join(unknown) if unknown else "(none)"
+        raise UsageError(f"--sections: unknown section {shown}; choose from {', '.join(SECTIONS)}")
+    return tuple(s for s in SECTIONS if s in names)
+
+
+@dataclass
+class _Run:
+    """Everything the sections share: the model, the data options, the output folder."""
+
+    vit: ViT
+    out: Path
+    data: str
+    images: list[str] | None
+    split: str
+    num_images: int | None
+    rollout_images: int
+    shots: tuple[int, ...]
+    seeds: int
+    l2: float | str
+    batch_size: int
+    data_root: Path | None
+    download: bool
+    cache_dir: Path | None
+    use_cache: bool
+
+    def open(self, spec: Any, *, split: str, num_images: int | None, require_labels: bool = False) -> ImageDataset:
+        from vitlens.data import open_dataset
+
+        return open_dataset(
+            spec,
+            self.vit.preprocess,
+            split=split,  # type: ignore[arg-type]
+            num_images=num_images,
+            data_root=self.data_root,
+            download=self.download,
+            require_labels=require_labels,
+        )
+
+    def rel(self, paths: Sequence[Path]) -> tuple[str, ...]:
+        return tuple(Path(p).relative_to(self.out).as_posix() for p in paths)
+
+
+def build_report(
+    vit: ViT,
+    *,
+    data: str = "digits",
+    images: Sequence[str] | None = None,
+    sections: Sequence[str] | None = None,
+    out: str | Path = "vitlens-report",
+    split: str = "test",
+    num_images: int | None = DEFAULT_NUM_IMAGES,
+    rollout_images: int = DEFAULT_ROLLOUT_IMAGES,
+    shots: Sequence[int] = DEFAULT_SHOTS,
+    seeds: int = DEFAULT_SEEDS,
+    l2: float | str = DEFAULT_L2,
+    batch_size: int = 64,
+    data_root: str | Path | None = None,
+    download: bool = False,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    on_section: Callable[[str, int, int], None] | None = None,
+) -> ReportResult:
+    """Run the chosen sections on ``vit`` and write their files, ``summary.json``, ``report.md`` and ``index.html``.
+
+    A section that raises is recorded as failed (one-line error) and the others still run; only Ctrl-C stops it.
+
+    Args:
+        data: data spec for attention distance, rollout (unless ``images``) and few-shot (if labelled).
+        images: image files (or one folder) for rollout instead of ``rollout_images`` images of ``data``.
+        sections: names from :data:`SECTIONS`; None for all.
+        num_images: attention-distance images (stratified subset of ``split``); None for all.
+        shots, seeds, l2: the few-shot protocol (shots from the train split of ``data``, scored on its test split).
+        on_section: called as ``on_section(name, done, total)`` before each section, and ``("", total, total)`` last.
+
+    Raises:
+        UsageError: an unknown section name.
+        VitlensError: the output folder cannot be written.
+    """
+    from vitlens.io import ensure_out_dir, write_json, write_text
+
+    chosen = parse_sections(sections)
+    started = time.perf_counter()
+    out = ensure_out_dir(out)
+    run = _Run(
+        vit=vit,
+        out=out,
+        data=str(data),
+        images=[str(i) for i in images] if images else None,
+        split=split,
+        num_images=num_images,
+        rollout_images=rollout_images,
+        shots=tuple(shots),
+        seeds=seeds,
+        l2=l2,
+        batch_size=batch_size,
+        data_root=None if data_root is None else Path(data_root),
+        download=download,
+        cache_dir=None if cache_dir is None else Path(cache_dir),
+        use_cache=use_cache,
+    )
+    results: list[SectionResult] = []
+    for i, name in enumerate(chosen):
+        if on_section is not None:
+            on_section(name, i, len(chosen))
+        results.append(_run_section(name, run))
+    if on_section is not None:
+        on_section("", len(chosen), len(chosen))
+    for name in SECTIONS:
+        if name not in chosen:
+            results.append(SectionResult(name, "skipped", error="not selected with --sections"))
+    results.sort(key=lambda r: SECTIONS.index(r.name))
+
+    card = _describe(vit)
+    summary = {
+        "status": "failed" if any(r.status == "failed" for r in results) else "ok",
+        "failed": [r.name for r in results if r.status == "failed"],
+        "source": vit.source,
+        "arch": vit.arch,
+        "device": str(vit.device),
+        "data": run.data,
+        "images": run.images,
+        "seconds": round(time.perf_counter() - started, 3),
+        "versions": versions(),
+        "sections": {r.name: r.to_dict() for r in results},
+    }
+    summary = _finite(summary)
+    files = [
+        write_json(out / "summary.json", summary),
+        write_text(out / "report.md", render_markdown(summary, card)),
+    ]
+    files.append(write_text(out / "index.html", render_html(summary, card, out)))
+    written = [out / f for r in results for f in r.files] + files
+    return ReportResult(out=out, sections=tuple(results), summary=summary, files=tuple(written))
+
+
+def _run_section(name: str, run: _Run) -> SectionResult:
+    started = time.perf_counter()
+    try:
+        summary, files, key = _SECTION_RUNNERS[name](run)
+    except _Skip as e:
+        return SectionResult(name, "skipped", time.perf_counter() - started, error=str(e))
+    except VitlensError as e:
+        return SectionResult(name, "failed", time.perf_counter() - started, error=_one_line(str(e)))
+    except Exception as e:  # a bug in one section must not cost the user the other five
+        from vitlens.log import logger
+
+        logger.debug("section %s failed", name, exc_info=True)
+        message = f"{type(e).__name__}: {_one_line(str(e))}" if str(e).strip() else type(e).__name__
+        return SectionResult(name, "failed", time.perf_counter() - started, error=message)
+    return SectionResult(name, "ok", time.perf_counter() - started, _finite(summary), run.rel(files), key=key)
+
+
+def _one_line(message: str) -> str:
+    lines = message.strip().splitlines()
+    return lines[0] if lines else "failed"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sections: each returns (key numbers, files written, headline)
+
+SectionOutput = tuple[dict[str, Any], list[Path], str]
+
+
+def _info(run: _Run) -> SectionOutput:
+    from vitlens.io import write_json
+
+    facts = run.vit.describe()
+    summary = {
+        k: facts[k] for k in ("arch", "num_params", "depth", "num_heads", "embed_dim", "grid_size", "patch_size")
+    }
+    key = f"{facts['arch']}: {facts['num_params'] / 1e6:.2f} M parameters, {facts['depth']} layers"
+    return summary, [write_json(run.out / "info.json", _finite(facts))], key
+
+
+def _filters(run: _Run) -> SectionOutput:
+    import torch
+
+    from vitlens.analysis.filters import filter_pca
+    from vitlens.io import write_json, write_npz
+    from vitlens.plotting.filters import filters_figure
+    from vitlens.plotting.style import save_figure
+
+    weight = run.vit.patch_projection()  # [D, C, ph, pw]
+    if not torch.isfinite(weight).all():
+        raise VitlensError("the patch projection has NaN/inf weights: its principal components are undefined")
+    d, c, ph, pw = weight.shape
+    result = filter_pca(weight, num_components=min(28, d, c * ph * pw))  # 28 as in the paper's Fig. 7
+    ratio = result.explained_variance_ratio  # [K]
+    summary = {
+        "num_components": result.num_components,
+        "cumulative_explained_variance": float(ratio.sum()),
+        "explained_variance_ratio": [float(r) for r in ratio],
+    }
+    payload = {"source": run.vit.source, "arch": run.vit.arch, "embed_dim": int(d), "in_chans": int(c)}
+    payload |= {"patch_size": [int(ph), int(pw)], **summary}
+    fig = filters_figure(result)
+    files = [
+        write_npz(
+            run.out / "filters.npz",
+            components=result.components,  # [K, C, ph, pw]
+            explained_variance_ratio=result.explained_variance_ratio,  # [K]
+            singular_values=result.singular_values,
+            mean_filter=result.mean_filter,  # [C, ph, pw]
+        ),
+        write_json(run.out / "filters.json", _finite(payload)),
+        save_figure(fig, run.out / "filters.png", fmt="png"),
+    ]
+    key = f"{result.num_components} components explain {100 * summary['cumulative_explained_variance']:.1f}%"
+    return {k: v for k, v in summary.items() if k != "explained_variance_ratio"}, files, key
+
+
+def _pos_sim(run: _Run) -> SectionOutput:
+    import numpy as np
+    import torch
+
+    from vitlens.analysis.pos_sim import position_similarity
+    from vitlens.io import write_json, write_npz
+    from vitlens.plotting.pos_sim import pos_sim_figure
+    from vitlens.plotting.style import save_figure
+
+    pos_embed = run.vit.position_embedding()  # [N_pos, D]; raises without a learned absolute embedding
+    if not torch.isfinite(pos_embed).all():
+        raise VitlensError("the position embedding has NaN/inf values: its similarities are undefined")
+    result = position_similarity(pos_embed, run.vit.layout)
+    full = {k: v for k, v in result.to_dict().items() if k != "similarity"}  # [H, W, H, W] goes to the NPZ
+    payload = {"source": run.vit.source, "arch": run.vit.arch, **full, "similarity_file": "pos_sim.npz"}
+    fig = pos_sim_figure(result)
+    files = [
+        write_npz(
+            run.out / "pos_sim.npz",
+            similarity=result.similarity,  # [H, W, H, W]
+            distances=result.distances,  # [M]
+            similarity_by_distance=result.similarity_by_distance,  # [M]
+            pairs_by_distance=result.pairs_by_distance,  # [M]
+            grid_size=np.asarray(result.grid_size),
+        ),
+        write_json(run.out / "pos_sim.json", _finite(payload)),
+        save_figure(fig, run.out / "pos_sim.png", fmt="png"),
+    ]
+    summary = {
+        "grid_size": list(result.grid_size),
+        "row_col_score": full["row_col_score"],
+        "neighbour_minus_far": full["neighbour_minus_far"],
+    }
+    key = f"row/column score {_signed(summary['row_col_score'])}, near minus far {_signed(full['neighbour_minus_far'])}"
+    return summary, files, key
+
+
+def _attention_distance(run: _Run) -> SectionOutput:
+    import numpy as np
+
+    from vitlens.attention import mean_attention_distance_for
+    from vitlens.io import write_json, write_npz, write_text
+    from vitlens.plotting.attention_distance import attention_distance_figure
+    from vitlens.plotting.style import save_figure
+
+    dataset = run.open(run.data, split=run.split, num_images=run.num_images)
+    result = mean_attention_distance_for(run.vit, dataset, batch_size=run.batch_size)
+    per_layer = result.distance_px.mean(axis=1)  # [depth], mean over heads
+    payload = {**result.to_dict(), "source": run.vit.source, "data": dataset.spec, "depth": run.vit.depth}
+    payload |= {"num_heads": run.vit.num_heads, "prefix_tokens": list(run.vit.layout.prefix_kinds)}
+    rows = ["layer,head,mean_px,std_px,prefix_mass"]
+    depth, heads = result.distance_px.shape
+    for layer in range(depth):
+        for head in range(heads):
+            values = (result.distance_px[layer, head], result.std_px[layer, head], result.prefix_mass[layer, head])
+            rows.append(f"{layer},{head}," + ",".join(f"{float(v):.6g}" for v in values))
+    fig = attention_distance_figure(result)
+    files = [
+        write_text(run.out / "attention_distance.csv", "\n".join(rows) + "\n"),
+        write_npz(
+            run.out / "attention_distance.npz",
+            distance_px=result.distance_px,  # [depth, heads]
+            std_px=result.std_px,
+            prefix_mass=result.prefix_mass,
+            uniform_px=np.float64(result.uniform_px),
+            num_images=np.int64(result.num_images),
+            renormalized=np.bool_(result.renormalized),
+            patch_size=np.asarray(result.patch_size),
+            grid_size=np.asarray(result.grid_size),
+        ),
+        write_json(run.out / "attention_distance.json", _finite(payload)),
+        save_figure(fig, run.out / "attention_distance.png", fmt="png"),
+    ]
+    summary = {
+        "data": dataset.spec,
+        "num_images": result.num_images,
+        "uniform_px": float(result.uniform_px),
+        "mean_px_by_layer": [float(v) for v in per_layer],
+    }
+    key = (
+        f"layer 0: {per_layer[0]:.1f} px, layer {depth - 1}: {per_layer[-1]:.1f} px "
+        f"(uniform {result.uniform_px:.1f} px, {result.num_images} images)"
+    )
+    return summary, files, key
+
+
+def _rollout(run: _Run) -> SectionOutput:
+    import numpy as np
+
+    from vitlens.attention import rollout_for
+    from vitlens.io import ensure_out_dir, write_json, write_npz
+    from vitlens.plotting.rollout import rollout_figure, rollout_grid_figure
+    from vitlens.plotting.style import save_figure
+
+    if run.images:
+        if len(run.images) == 1 and Path(run.images[0]).expanduser().is_dir():
+            dataset = run.open(run.images[0], split="all", num_images=None)
+        else:
+            dataset = run.open(run.images, split="all", num_images=None)
+    else:
+        dataset = run.open(run.data, split=run.split, num_images=run.rollout_images)
+    photos = [dataset.load_pil(i) for i in range(len(dataset))]
+    result = rollout_for(run.vit, dataset, batch_size=run.batch_size)
+    stems = unique_stems(dataset.names)
+    titles = [Path(name).name for name in dataset.names]
+    per_image = ensure_out_dir(run.out / "rollout")
+    files = []
+    for photo, rollout_map, stem, title in zip(photos, result.maps, stems, titles, strict=True):
+        files.append(save_figure(rollout_figure(photo, rollout_map, title=title), per_image / f"{stem}.png", fmt="png"))
+    if len(photos) > 1:
+        grid = rollout_grid_figure(photos, result.maps, titles, title=f"attention rollout ({result.target} token)")
+        files.append(save_figure(grid, run.out / "rollout.png", fmt="png"))
+    files.append(
+        write_npz(
+            run.out / "rollout.npz",
+            maps=result.maps,  # [B, H, W]
+            patch_mass=result.patch_mass,  # [B]
+            images=np.asarray(dataset.names, dtype=str),
+            grid_size=np.asarray(result.grid_size),
+        )
+    )
+    payload = {"images": list(dataset.names), "stems": stems, **result.to_dict(), "source": run.vit.source}
+    payload |= {"data": dataset.spec, "patch_size": list(run.vit.layout.patch_size)}
+    files.append(write_json(run.out / "rollout.json", _finite(payload)))
+    summary = {
+        "num_images": len(dataset),
+        "target": result.target,
+        "mean_patch_mass": float(np.mean(result.patch_mass)),
+    }
+    key = f"{len(dataset)} images, {result.target} token, mean mass on patches {summary['mean_patch_mass']:.3f}"
+    return summary, files, key
+
+
+def _fewshot(run: _Run) -> SectionOutput:
+    from vitlens.fewshot import cached_features, check_shot_pool, fewshot_lsr, resolve_feature_layers
+    from vitlens.io import write_json, write_text
+    from vitlens.plotting.fewshot import fewshot_figure
+    from vitlens.plotting.style import save_figure
+
+    pool = run.open(run.data, split="train", num_images=None)
+    if pool.labels is None or not pool.classes:
+        raise _Skip(f"{pool.spec} has no labels")
+    test = run.open(run.data, split="test", num_images=None, require_labels=True)
+    classes = list(pool.classes)
+    check_shot_pool(pool.labels, shots=run.shots, num_classes=len(classes), class_names=classes)
+    layers = resolve_feature_layers(run.vit, None, "pre-logits")
+    feats, cache = {}, {}
+    for part, dataset in (("train", pool), ("test", test)):  # features computed once, shared by every shot draw
+        feats[part], cache[part] = cached_features(
+            run.vit,
+            dataset,
+            layers=layers,
+            feature="pre-logits",
+            batch_size=run.batch_size,
+            cache_dir=run.cache_dir,
+            use_cache=run.use_cache,
+        )
+    result = fewshot_lsr(
+        feats["train"],
+        pool.labels,
+        feats["test"],
+        test.labels,
+        shots=run.shots,
+        seeds=run.seeds,
+        l2=run.l2,  # type: ignore[arg-type]
+        device=run.vit.device,
+        num_classes=len(classes),
+        class_names=classes,
+    )
+    result = replace(result, feature="pre-logits")
+    payload = {**result.to_dict(), "allow_fewer": False, "source": run.vit.source, "data": pool.spec}
+    payload |= {"test_data": test.spec, "classes": classes, "depth": run.vit.depth, "cache": cache}
+    rows = ["shots,layer,seed,accuracy,l2"]
+    for i, shots in enumerate(result.shots):
+        for j, layer in enumerate(result.layers):
+            for s, seed in enumerate(result.seeds):
+                rows.append(f"{shots},{layer},{seed},{result.accuracy[i, j, s]:.6g},{result.l2[i, j]:g}")
+    fig = fewshot_figure(result)
+    files = [
+        write_text(run.out / "fewshot.csv", "\n".join(rows) + "\n"),
+        write_json(run.out / "fewshot.json", _finite(payload)),
+        save_figure(fig, run.out / "fewshot.png", fmt="png"),
+    ]
+    mean = {str(s): float(result.mean[i, 0]) for i, s in enumerate(result.shots)}  # first (only) layer
+    summary = {"data": pool.spec, "seeds": len(result.seeds), "chance": float(result.chance), "mean_accuracy": mean}
+    last = result.shots[-1]
+    key = f"{last}-shot accuracy {100 * mean[str(last)]:.1f}% (chance {100 * result.chance:.1f}%)"
+    return summary, files, key
+
+
+_SECTION_RUNNERS: dict[str, Callable[[_Run], SectionOutput]] = {
+    "info": _info,
+    "filters": _filters,
+    "pos-sim": _pos_sim,
+    "attention-distance": _attention_distance,
+    "rollout": _rollout,
+    "fewshot": _fewshot,
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def unique_stems(names: Sequence[str]) -> list[str]:
+    """File stems for ``names``, made unique (``a``, ``a-1``, ...) case-insensitively (as `vitlens rollout` does)."""
+    used: set[str] = set()
+    stems = []
+    for name in names:
+        base = Path(name).stem or "image"
+        stem, k = base, 1
+        while stem.lower() in used:
+            stem, k = f"{base}-{k}", k + 1
+        used.add(stem.lower())
+        stems.append(stem)
+    return stems
+
+
+def versions() -> dict[str, str]:
+    """Versions of vitlens, Python and the libraries whose behaviour the numbers depend on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import vitlens
+
+    found = {"vitlens": getattr(vitlens, "__version__", "?"), "python": platform.python_version()}
+    for package in ("torch", "timm", "numpy", "matplotlib"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def _describe(vit: ViT) -> dict[str, Any]:
+    try:
+        return _finite(vit.describe())
+    except Exception:  # the model card is decoration; the info section reports a real failure
+        return {"source": vit.source}
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with non-finite floats as None and numpy scalars as Python numbers (JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _signed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.3f}"
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_short(v)}" for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return ", ".join(_short(v) for v in value)
+    return "" if value is None else str(value)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Rendering: plain string templates, everything user-provided escaped
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+th{background:#f4f4f4}.ok{color:#17702c}.failed{color:#b00020;font-weight:bold}.skipped{color:#777}
+img{max-width:100%;border:1px solid #eee;margin:.3em 0}code{background:#f4f4f4;padding:0 .2em}"""
+
+
+def _table_html(rows: Sequence[Sequence[str]], header: Sequence[str] | None = None, *, raw: bool = False) -> str:
+    """A table; cells are escaped unless ``raw`` (for cells built here from escaped parts)."""
+    cell = (lambda s: s) if raw else html.escape
+    head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" if header else ""
+    body = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table>{head}{body}</table>"
+
+
+def render_html(summary: dict[str, Any], card: dict[str, Any], out: Path) -> str:
+    """One self-contained page: model card, overview, each section's numbers and figures (PNG inlined as base64).
+
+    Links go only to files of ``out`` that exist, by relative path.
+    """
+    esc = html.escape
+    sections = summary["sections"]
+    overview = []
+    for name, s in sections.items():
+        status = f'<span class="{s["status"]}">{esc(s["status"])}</span>'
+        detail = esc(s["error"] or "") if s["status"] != "ok" else esc(s["key"])
+        overview.append([f'<a href="#{name}">{esc(name)}</a>', status, f"{s['seconds']:.2f}", detail])
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>vitlens report: {esc(str(summary['source']))}</title><style>{_CSS}</style></head><body>",
+        f"<h1>vitlens report: <code>{esc(str(summary['source']))}</code></h1>",
+        f'<p class="{summary["status"]}">status: {esc(summary["status"])}'
+        f" &middot; {summary['seconds']:.1f} s on {esc(summary['device'])} &middot; data {esc(summary['data'])}</p>",
+        "<h2>Sections</h2>",
+        _table_html(overview, ["section", "status", "seconds", "key number / error"], raw=True),
+        "<h2>Model</h2>",
+        _table_html([[k, _short(v)] for k, v in card.items() if k != "guessed"], ["fact", "value"]),
+    ]
+    guessed = card.get("guessed") or {}
+    if guessed:
+        parts.append("<p>guessed: " + "; ".join(f"{esc(k)}: {esc(str(v))}" for k, v in guessed.items()) + "</p>")
+    for name, s in sections.items():
+        parts.append(f'<h2 id="{name}">{esc(name)} <small class="{s["status"]}">{esc(s["status"])}</small></h2>')
+        if s["status"] != "ok":
+            parts.append(f"<p>{esc(s['error'] or '')}</p>")
+            continue
+        parts.append(f"<p>{esc(s['key'])}</p>")
+        parts.append(_table_html([[k, _short(v)] for k, v in s["summary"].items()], ["number", "value"]))
+        for rel in s["files"]:
+            if rel.endswith(".png") and (out / rel).is_file():
+                data = base64.b64encode((out / rel).read_bytes()).decode("ascii")
+                parts.append(f'<figure><img alt="{esc(rel)}" src="data:image/png;base64,{data}"></figure>')
+        links = [f'<a href="{esc(rel)}">{esc(rel)}</a>' for rel in s["files"] if (out / rel).is_file()]
+        parts.append("<p>files: " + ", ".join(links) + "</p>")
+    versions_row = [[k, str(v)] for k, v in summary["versions"].items()]
+    parts += ["<h2>Versions</h2>", _table_html(versions_row, ["package", "version"])]
+    parts += ['<p><a href="summary.json">summary.json</a> &middot; <a href="report.md">report.md</a></p>']
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _md(text: Any) -> str:
+    """A Markdown table cell: pipes escaped, one line."""
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(summary: dict[str, Any], card: dict[str, Any]) -> str:
+    """The report as Markdown, figures linked by relative path (fit for a CI job summary)."""
+    lines = [
+        f"# vitlens report: `{_md(summary['source'])}`",
+        "",
+        f"**status: {summary['status']}** · {summary['seconds']:.1f} s on {_md(summary['device'])} "
+        f"· data `{_md(summary['data'])}`",
+        "",
+        "| section | status | seconds | key number / error |",
+        "|---|---|---:|---|",
+    ]
+    for name, s in summary["sections"].items():
+        detail = s["key"] if s["status"] == "ok" else (s["error"] or "")
+        lines.append(f"| {name} | {s['status']} | {s['seconds']:.2f} | {_md(detail)} |")
+    lines += ["", "## Model", "", "| fact | value |", "|---|---|"]
+    lines += [f"| {_md(k)} | {_md(_short(v))} |" for k, v in card.items() if k != "guessed"]
+    for name, s in summary["sections"].items():
+        if s["status"] != "ok":
+            continue
+        lines += ["", f"## {name}", "", s["key"], ""]
+        lines += ["| number | value |", "|---|---|"]
+        lines += [f"| {_md(k)} | {_md(_short(v))} |" for k, v in s["summary"].items()]
+        pngs = [f for f in s["files"] if f.endswith(".png")]
+        figures = [f for f in pngs if "/" not in f] or pngs  # rollout of one image has only rollout/<image>.png
+        lines += [""] + [f"![{name}]({f})" for f in figures]
+    lines += ["", "versions: " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()), ""]
+    return "\n".join(lines)
