@@ -275,9 +275,7 @@ def _filters(run: _Run) -> SectionOutput:
     import torch
 
     from vitlens.analysis.filters import filter_pca
-    from vitlens.io import write_json, write_npz
-    from vitlens.plotting.filters import filters_figure
-    from vitlens.plotting.style import save_figure
+    from vitlens.outputs import save_filters
 
     weight = run.vit.patch_projection()  # [D, C, ph, pw]
     if not torch.isfinite(weight).all():
@@ -292,30 +290,16 @@ def _filters(run: _Run) -> SectionOutput:
     }
     payload = {"source": run.vit.source, "arch": run.vit.arch, "embed_dim": int(d), "in_chans": int(c)}
     payload |= {"patch_size": [int(ph), int(pw)], **summary}
-    fig = filters_figure(result)
-    files = [
-        write_npz(
-            run.out / "filters.npz",
-            components=result.components,  # [K, C, ph, pw]
-            explained_variance_ratio=result.explained_variance_ratio,  # [K]
-            singular_values=result.singular_values,
-            mean_filter=result.mean_filter,  # [C, ph, pw]
-        ),
-        write_json(run.out / "filters.json", _finite(payload)),
-        save_figure(fig, run.out / "filters.png", fmt="png"),
-    ]
+    files = save_filters(result, run.out, payload=_finite(payload))
     key = f"{result.num_components} components explain {100 * summary['cumulative_explained_variance']:.1f}%"
     return {k: v for k, v in summary.items() if k != "explained_variance_ratio"}, files, key
 
 
 def _pos_sim(run: _Run) -> SectionOutput:
-    import numpy as np
     import torch
 
     from vitlens.analysis.pos_sim import position_similarity
-    from vitlens.io import write_json, write_npz
-    from vitlens.plotting.pos_sim import pos_sim_figure
-    from vitlens.plotting.style import save_figure
+    from vitlens.outputs import save_pos_sim
 
     pos_embed = run.vit.position_embedding()  # [N_pos, D]; raises without a learned absolute embedding
     if not torch.isfinite(pos_embed).all():
@@ -323,19 +307,7 @@ def _pos_sim(run: _Run) -> SectionOutput:
     result = position_similarity(pos_embed, run.vit.layout)
     full = {k: v for k, v in result.to_dict().items() if k != "similarity"}  # [H, W, H, W] goes to the NPZ
     payload = {"source": run.vit.source, "arch": run.vit.arch, **full, "similarity_file": "pos_sim.npz"}
-    fig = pos_sim_figure(result)
-    files = [
-        write_npz(
-            run.out / "pos_sim.npz",
-            similarity=result.similarity,  # [H, W, H, W]
-            distances=result.distances,  # [M]
-            similarity_by_distance=result.similarity_by_distance,  # [M]
-            pairs_by_distance=result.pairs_by_distance,  # [M]
-            grid_size=np.asarray(result.grid_size),
-        ),
-        write_json(run.out / "pos_sim.json", _finite(payload)),
-        save_figure(fig, run.out / "pos_sim.png", fmt="png"),
-    ]
+    files = save_pos_sim(result, run.out, payload=_finite(payload))
     summary = {
         "grid_size": list(result.grid_size),
         "row_col_score": full["row_col_score"],
@@ -346,41 +318,15 @@ def _pos_sim(run: _Run) -> SectionOutput:
 
 
 def _attention_distance(run: _Run) -> SectionOutput:
-    import numpy as np
-
     from vitlens.attention import mean_attention_distance_for
-    from vitlens.io import write_json, write_npz, write_text
-    from vitlens.plotting.attention_distance import attention_distance_figure
-    from vitlens.plotting.style import save_figure
+    from vitlens.outputs import save_attention_distance
 
     dataset = run.open(run.data, split=run.split, num_images=run.num_images)
     result = mean_attention_distance_for(run.vit, dataset, batch_size=run.batch_size)
     per_layer = result.distance_px.mean(axis=1)  # [depth], mean over heads
     payload = {**result.to_dict(), "source": run.vit.source, "data": dataset.spec, "depth": run.vit.depth}
     payload |= {"num_heads": run.vit.num_heads, "prefix_tokens": list(run.vit.layout.prefix_kinds)}
-    rows = ["layer,head,mean_px,std_px,prefix_mass"]
-    depth, heads = result.distance_px.shape
-    for layer in range(depth):
-        for head in range(heads):
-            values = (result.distance_px[layer, head], result.std_px[layer, head], result.prefix_mass[layer, head])
-            rows.append(f"{layer},{head}," + ",".join(f"{float(v):.6g}" for v in values))
-    fig = attention_distance_figure(result)
-    files = [
-        write_text(run.out / "attention_distance.csv", "\n".join(rows) + "\n"),
-        write_npz(
-            run.out / "attention_distance.npz",
-            distance_px=result.distance_px,  # [depth, heads]
-            std_px=result.std_px,
-            prefix_mass=result.prefix_mass,
-            uniform_px=np.float64(result.uniform_px),
-            num_images=np.int64(result.num_images),
-            renormalized=np.bool_(result.renormalized),
-            patch_size=np.asarray(result.patch_size),
-            grid_size=np.asarray(result.grid_size),
-        ),
-        write_json(run.out / "attention_distance.json", _finite(payload)),
-        save_figure(fig, run.out / "attention_distance.png", fmt="png"),
-    ]
+    files = save_attention_distance(result, run.out, payload=_finite(payload))
     summary = {
         "data": dataset.spec,
         "num_images": result.num_images,
@@ -388,7 +334,7 @@ def _attention_distance(run: _Run) -> SectionOutput:
         "mean_px_by_layer": [float(v) for v in per_layer],
     }
     key = (
-        f"layer 0: {per_layer[0]:.1f} px, layer {depth - 1}: {per_layer[-1]:.1f} px "
+        f"layer 0: {per_layer[0]:.1f} px, layer {len(per_layer) - 1}: {per_layer[-1]:.1f} px "
         f"(uniform {result.uniform_px:.1f} px, {result.num_images} images)"
     )
     return summary, files, key
@@ -398,9 +344,7 @@ def _rollout(run: _Run) -> SectionOutput:
     import numpy as np
 
     from vitlens.attention import rollout_for
-    from vitlens.io import ensure_out_dir, write_json, write_npz
-    from vitlens.plotting.rollout import rollout_figure, rollout_grid_figure
-    from vitlens.plotting.style import save_figure
+    from vitlens.outputs import save_rollout, unique_stems
 
     if run.images:
         if len(run.images) == 1 and Path(run.images[0]).expanduser().is_dir():
@@ -412,26 +356,17 @@ def _rollout(run: _Run) -> SectionOutput:
     photos = [dataset.load_pil(i) for i in range(len(dataset))]
     result = rollout_for(run.vit, dataset, batch_size=run.batch_size)
     stems = unique_stems(dataset.names)
-    titles = [Path(name).name for name in dataset.names]
-    per_image = ensure_out_dir(run.out / "rollout")
-    files = []
-    for photo, rollout_map, stem, title in zip(photos, result.maps, stems, titles, strict=True):
-        files.append(save_figure(rollout_figure(photo, rollout_map, title=title), per_image / f"{stem}.png", fmt="png"))
-    if len(photos) > 1:
-        grid = rollout_grid_figure(photos, result.maps, titles, title=f"attention rollout ({result.target} token)")
-        files.append(save_figure(grid, run.out / "rollout.png", fmt="png"))
-    files.append(
-        write_npz(
-            run.out / "rollout.npz",
-            maps=result.maps,  # [B, H, W]
-            patch_mass=result.patch_mass,  # [B]
-            images=np.asarray(dataset.names, dtype=str),
-            grid_size=np.asarray(result.grid_size),
-        )
-    )
     payload = {"images": list(dataset.names), "stems": stems, **result.to_dict(), "source": run.vit.source}
     payload |= {"data": dataset.spec, "patch_size": list(run.vit.layout.patch_size)}
-    files.append(write_json(run.out / "rollout.json", _finite(payload)))
+    files = save_rollout(
+        result,
+        run.out,
+        photos=photos,
+        names=dataset.names,
+        stems=stems,
+        payload=_finite(payload),
+        grid_title=f"attention rollout ({result.target} token)",
+    )
     summary = {
         "num_images": len(dataset),
         "target": result.target,
@@ -443,9 +378,7 @@ def _rollout(run: _Run) -> SectionOutput:
 
 def _fewshot(run: _Run) -> SectionOutput:
     from vitlens.fewshot import cached_features, check_shot_pool, fewshot_lsr, resolve_feature_layers
-    from vitlens.io import write_json, write_text
-    from vitlens.plotting.fewshot import fewshot_figure
-    from vitlens.plotting.style import save_figure
+    from vitlens.outputs import save_fewshot
 
     pool = run.open(run.data, split="train", num_images=None)
     if pool.labels is None or not pool.classes:
@@ -480,17 +413,7 @@ def _fewshot(run: _Run) -> SectionOutput:
     result = replace(result, feature="pre-logits")
     payload = {**result.to_dict(), "allow_fewer": False, "source": run.vit.source, "data": pool.spec}
     payload |= {"test_data": test.spec, "classes": classes, "depth": run.vit.depth, "cache": cache}
-    rows = ["shots,layer,seed,accuracy,l2"]
-    for i, shots in enumerate(result.shots):
-        for j, layer in enumerate(result.layers):
-            for s, seed in enumerate(result.seeds):
-                rows.append(f"{shots},{layer},{seed},{result.accuracy[i, j, s]:.6g},{result.l2[i, j]:g}")
-    fig = fewshot_figure(result)
-    files = [
-        write_text(run.out / "fewshot.csv", "\n".join(rows) + "\n"),
-        write_json(run.out / "fewshot.json", _finite(payload)),
-        save_figure(fig, run.out / "fewshot.png", fmt="png"),
-    ]
+    files = save_fewshot(result, run.out, payload=_finite(payload))
     mean = {str(s): float(result.mean[i, 0]) for i, s in enumerate(result.shots)}  # first (only) layer
     summary = {"data": pool.spec, "seeds": len(result.seeds), "chance": float(result.chance), "mean_accuracy": mean}
     last = result.shots[-1]
@@ -510,20 +433,6 @@ _SECTION_RUNNERS: dict[str, Callable[[_Run], SectionOutput]] = {
 
 # --------------------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def unique_stems(names: Sequence[str]) -> list[str]:
-    """File stems for ``names``, made unique (``a``, ``a-1``, ...) case-insensitively (as `vitlens rollout` does)."""
-    used: set[str] = set()
-    stems = []
-    for name in names:
-        base = Path(name).stem or "image"
-        stem, k = base, 1
-        while stem.lower() in used:
-            stem, k = f"{base}-{k}", k + 1
-        used.add(stem.lower())
-        stems.append(stem)
-    return stems
 
 
 def versions() -> dict[str, str]:

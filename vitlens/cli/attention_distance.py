@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -76,6 +76,7 @@ def attention_distance(
     """
     from vitlens.attention import mean_attention_distance_for
     from vitlens.data import open_dataset
+    from vitlens.outputs import save_attention_distance
 
     started = time.perf_counter()
     check_num_images(num_images)
@@ -98,46 +99,11 @@ def attention_distance(
         "prefix_tokens": list(vit.layout.prefix_kinds),
     }
     meta = run_metadata(started, command="attention-distance", device=str(vit.device), batch_size=batch_size)
-    files = _save(result, {**payload, "meta": meta}, out, fmt)
+    files = save_attention_distance(result, out, payload={**payload, "meta": meta}, fmt=fmt)
     if json_:
         print_json({**payload, "files": [str(f) for f in files], "meta": meta})
     elif not quiet:
         _summarise(result, vit, dataset.spec, out, files)
-
-
-def _save(result: AttentionDistance, payload: dict[str, Any], out: Path, fmt: str) -> list[Path]:
-    """Write the CSV, NPZ, JSON and figure (figure built first, so a plotting error leaves no files)."""
-    import numpy as np
-
-    from vitlens.io import ensure_out_dir, write_json, write_npz, write_text
-    from vitlens.plotting.attention_distance import attention_distance_figure
-    from vitlens.plotting.style import save_figure
-
-    fig = attention_distance_figure(result)
-    rows = ["layer,head,mean_px,std_px,prefix_mass"]
-    depth, heads = result.distance_px.shape
-    for layer in range(depth):
-        for head in range(heads):
-            values = (result.distance_px[layer, head], result.std_px[layer, head], result.prefix_mass[layer, head])
-            rows.append(f"{layer},{head}," + ",".join(f"{float(v):.6g}" for v in values))
-    out = ensure_out_dir(out)
-    files = [
-        write_text(out / "attention_distance.csv", "\n".join(rows) + "\n"),
-        write_npz(
-            out / "attention_distance.npz",
-            distance_px=result.distance_px,
-            std_px=result.std_px,
-            prefix_mass=result.prefix_mass,
-            uniform_px=np.float64(result.uniform_px),
-            num_images=np.int64(result.num_images),
-            renormalized=np.bool_(result.renormalized),
-            patch_size=np.asarray(result.patch_size),
-            grid_size=np.asarray(result.grid_size),
-        ),
-        write_json(out / "attention_distance.json", payload),
-        save_figure(fig, out / f"attention_distance.{fmt}", fmt=fmt),
-    ]
-    return files
 
 
 def _summarise(result: AttentionDistance, vit: ViT, spec: str, out: Path, files: list[Path]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -148,6 +148,7 @@ def fewshot(
     from vitlens.data import open_dataset
     from vitlens.fewshot import cached_features, check_shot_pool, fewshot_lsr, resolve_feature_layers
     from vitlens.log import logger
+    from vitlens.outputs import save_fewshot
 
     started = time.perf_counter()
     shot_counts = parse_shots(shots)
@@ -231,7 +232,7 @@ def fewshot(
         batch_size=batch_size,
         solve_seconds=round(solve_seconds, 4),
     )
-    files = _save(result, {**payload, "meta": meta}, out, fmt, heatmap=all_layers)
+    files = save_fewshot(result, out, payload={**payload, "meta": meta}, fmt=fmt, heatmap=all_layers)
     if json_:
         print_json({**payload, "files": [str(f) for f in files], "meta": meta})
     elif not quiet:
@@ -304,26 +305,6 @@ def _brief(classes: list[str] | None, limit: int = 4) -> str:
 
 # --------------------------------------------------------------------------------------------------------------
 # Output
-
-
-def _save(result: FewShotResult, payload: dict[str, Any], out: Path, fmt: str, *, heatmap: bool) -> list[Path]:
-    """Write the CSV, JSON and figure (figure built first, so a plotting error leaves no files)."""
-    from vitlens.io import ensure_out_dir, write_json, write_text
-    from vitlens.plotting.fewshot import fewshot_figure
-    from vitlens.plotting.style import save_figure
-
-    fig = fewshot_figure(result, kind="heatmap" if heatmap else None)
-    rows = ["shots,layer,seed,accuracy,l2"]
-    for i, shots in enumerate(result.shots):
-        for j, layer in enumerate(result.layers):
-            for s, seed in enumerate(result.seeds):
-                rows.append(f"{shots},{layer},{seed},{result.accuracy[i, j, s]:.6g},{result.l2[i, j]:g}")
-    out = ensure_out_dir(out)
-    return [
-        write_text(out / "fewshot.csv", "\n".join(rows) + "\n"),
-        write_json(out / "fewshot.json", payload),
-        save_figure(fig, out / f"fewshot.{fmt}", fmt=fmt),
-    ]
 
 
 def _summarise(

@@ -65,6 +65,7 @@ def filters(
 
     from vitlens.analysis.filters import filter_pca
     from vitlens.log import logger
+    from vitlens.outputs import save_filters
 
     started = time.perf_counter()
     fmt = check_format(fmt)
@@ -102,32 +103,11 @@ def filters(
         "cumulative_explained_variance": float(ratio.sum()),
     }
     meta = run_metadata(started, command="filters", device=str(vit.device))
-    files = _save(result, {**payload, "meta": meta}, out, fmt)
+    files = save_filters(result, out, payload={**payload, "meta": meta}, fmt=fmt)
     if json_:
         print_json({**payload, "files": [str(f) for f in files], "meta": meta})
     elif not quiet:
         _summarise(result, payload, out, files)
-
-
-def _save(result: FilterPCA, payload: dict[str, Any], out: Path, fmt: str) -> list[Path]:
-    """Write the NPZ, JSON and figure (figure built first, so a plotting error leaves no files)."""
-    from vitlens.io import ensure_out_dir, write_json, write_npz
-    from vitlens.plotting.filters import filters_figure
-    from vitlens.plotting.style import save_figure
-
-    fig = filters_figure(result)
-    out = ensure_out_dir(out)
-    return [
-        write_npz(
-            out / "filters.npz",
-            components=result.components,  # [K, C, ph, pw]
-            explained_variance_ratio=result.explained_variance_ratio,  # [K]
-            singular_values=result.singular_values,  # [min(D, C*ph*pw)]
-            mean_filter=result.mean_filter,  # [C, ph, pw]
-        ),
-        write_json(out / "filters.json", payload),
-        save_figure(fig, out / f"filters.{fmt}", fmt=fmt),  # type: ignore[arg-type]
-    ]
 
 
 def _summarise(result: FilterPCA, payload: dict[str, Any], out: Path, files: list[Path]) -> None:

@@ -50,6 +50,7 @@ def pos_sim(
     import torch
 
     from vitlens.analysis.pos_sim import position_similarity
+    from vitlens.outputs import save_pos_sim
 
     started = time.perf_counter()
     fmt = check_format(fmt)
@@ -69,7 +70,7 @@ def pos_sim(
     }
     meta = run_metadata(started, command="pos-sim", device=str(vit.device))
     # The file keeps the summaries; the [H, W, H, W] array (1.9 M numbers at 37 x 37) lives in pos_sim.npz.
-    files = _save(result, {**payload, "similarity_file": "pos_sim.npz", "meta": meta}, out, fmt)
+    files = save_pos_sim(result, out, payload={**payload, "similarity_file": "pos_sim.npz", "meta": meta}, fmt=fmt)
     if json_:
         print_json(
             {**payload, "similarity": _json_array(result.similarity), "files": [str(f) for f in files], "meta": meta}
@@ -98,30 +99,6 @@ def _json_array(values: Any) -> Any:
 
     arr = np.asarray(values, dtype=np.float64)
     return np.where(np.isfinite(arr), arr, None).tolist()
-
-
-def _save(result: PositionSimilarity, payload: dict[str, Any], out: Path, fmt: str) -> list[Path]:
-    """Write the NPZ, JSON and figure (figure built first, so a plotting error leaves no files)."""
-    import numpy as np
-
-    from vitlens.io import ensure_out_dir, write_json, write_npz
-    from vitlens.plotting.pos_sim import pos_sim_figure
-    from vitlens.plotting.style import save_figure
-
-    fig = pos_sim_figure(result)
-    out = ensure_out_dir(out)
-    return [
-        write_npz(
-            out / "pos_sim.npz",
-            similarity=result.similarity,  # [H, W, H, W]
-            distances=result.distances,  # [M]
-            similarity_by_distance=result.similarity_by_distance,  # [M]
-            pairs_by_distance=result.pairs_by_distance,  # [M]
-            grid_size=np.asarray(result.grid_size),
-        ),
-        write_json(out / "pos_sim.json", payload),
-        save_figure(fig, out / f"pos_sim.{fmt}", fmt=fmt),  # type: ignore[arg-type]
-    ]
 
 
 def _summarise(result: PositionSimilarity, payload: dict[str, Any], out: Path, files: list[Path]) -> None:

@@ -32,11 +32,9 @@ from vitlens.cli.options import (
     check_num_images,
 )
 from vitlens.errors import UsageError
+from vitlens.outputs import rollout_settings, unique_stems
 
 if TYPE_CHECKING:
-    import numpy as np
-    from PIL import Image
-
     from vitlens.analysis.rollout import Rollout
     from vitlens.data import ImageDataset
 
@@ -137,6 +135,7 @@ def rollout(
     from vitlens.attention import default_target, head_attention_for, rollout_for
     from vitlens.capture import resolve_layers
     from vitlens.data import IMAGE_EXTENSIONS, open_dataset
+    from vitlens.outputs import save_rollout
 
     started = time.perf_counter()
     # Validate the command line before loading anything.
@@ -222,81 +221,28 @@ def rollout(
         payload["heads_layer"] = heads_layer
         payload["heads"] = heads.tolist()
     meta = run_metadata(started, command="rollout", device=str(vit.device), batch_size=batch_size)
-    files = _save(result, heads, heads_layer, photos, dataset, stems, {**payload, "meta": meta}, out, fmt)
+    files = save_rollout(
+        result,
+        out,
+        photos=photos,
+        names=dataset.names,
+        stems=stems,
+        payload={**payload, "meta": meta},
+        fmt=fmt,
+        heads=heads,
+        heads_layer=heads_layer,
+    )
     if json_:
         print_json({**payload, "files": [str(f) for f in files], "meta": meta})
     elif not quiet:
         _summarise(result, dataset, out, files)
 
 
-def unique_stems(names: list[str]) -> list[str]:
-    """File stems for ``names``, made unique (``a``, ``a-1``, ...) case-insensitively, for case-blind filesystems."""
-    used: set[str] = set()
-    stems = []
-    for name in names:
-        base = Path(name).stem or "image"
-        stem, k = base, 1
-        while stem.lower() in used:
-            stem, k = f"{base}-{k}", k + 1
-        used.add(stem.lower())
-        stems.append(stem)
-    return stems
-
-
-def _save(
-    result: Rollout,
-    heads: np.ndarray | None,
-    heads_layer: int | None,
-    photos: list[Image.Image],
-    dataset: ImageDataset,
-    stems: list[str],
-    payload: dict[str, Any],
-    out: Path,
-    fmt: str,
-) -> list[Path]:
-    """Write figures, NPZ and JSON; called only once every map is computed."""
-    import numpy as np
-
-    from vitlens.io import ensure_out_dir, write_json, write_npz
-    from vitlens.plotting.rollout import head_attention_figure, rollout_figure, rollout_grid_figure
-    from vitlens.plotting.style import save_figure
-
-    out = ensure_out_dir(out)
-    per_image = ensure_out_dir(out / "rollout")
-    files: list[Path] = []
-    titles = [Path(name).name for name in dataset.names]
-    for photo, rollout_map, stem, title in zip(photos, result.maps, stems, titles, strict=True):
-        files.append(save_figure(rollout_figure(photo, rollout_map, title=title), per_image / f"{stem}.{fmt}", fmt=fmt))
-    if len(photos) > 1:
-        grid = rollout_grid_figure(photos, result.maps, titles, title=f"attention rollout: {_settings(result)}")
-        files.append(save_figure(grid, out / f"rollout.{fmt}", fmt=fmt))
-    arrays: dict[str, Any] = {
-        "maps": result.maps,
-        "patch_mass": result.patch_mass,
-        "images": np.asarray(dataset.names, dtype=str),
-        "grid_size": np.asarray(result.grid_size),
-    }
-    if heads is not None:
-        fig = head_attention_figure(photos, heads, titles, layer=int(heads_layer), target=result.target)
-        files.append(save_figure(fig, out / f"rollout_heads_L{heads_layer}.{fmt}", fmt=fmt))
-        arrays["heads"] = heads
-        arrays["heads_layer"] = np.int64(heads_layer)
-    files.append(write_npz(out / "rollout.npz", **arrays))
-    files.append(write_json(out / "rollout.json", payload))
-    return files
-
-
-def _settings(result: Rollout) -> str:
-    first, last = result.start_layer, result.start_layer + result.num_layers - 1
-    target = "mean of patch tokens" if result.target == "mean-patch" else f"{result.target} token"
-    return f"{target}, {result.head_fusion} over heads, discard {result.discard_ratio:g}, layers {first}-{last}"
-
-
 def _summarise(result: Rollout, dataset: ImageDataset, out: Path, files: list[Path]) -> None:
     import numpy as np
     from rich.table import Table
 
-    table = Table(title=f"attention rollout: {_settings(result)}", title_justify="left")
+    table = Table(title=f"attention rollout: {rollout_settings(result)}", title_justify="left")
     for name, justify in (("image", "left"), ("peak patch (row, col)", "right"), ("mass on patches", "right")):
         table.add_column(name, justify=justify)
     for name, rollout_map, mass in zip(dataset.names, result.maps, result.patch_mass, strict=True):
