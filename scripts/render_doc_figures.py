@@ -1,0 +1,67 @@
+"""Render the figures of the analysis pages (``docs/figures/*.png``) with vitlens itself, on the demo model.
+
+Run ``OMP_NUM_THREADS=1 python scripts/render_doc_figures.py`` after a change to an analysis or a plot; the demo
+model, the digits data and every seed are fixed, so the figures only change when vitlens does.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from vitlens.analysis import filter_pca, position_similarity
+from vitlens.attention import mean_attention_distance_for, rollout_for
+from vitlens.data import open_dataset
+from vitlens.fewshot import extract_features, fewshot_lsr
+from vitlens.models import load_vit
+from vitlens.plotting.attention_distance import attention_distance_figure
+from vitlens.plotting.fewshot import fewshot_figure
+from vitlens.plotting.filters import filters_figure
+from vitlens.plotting.pos_sim import pos_sim_figure
+from vitlens.plotting.rollout import rollout_grid_figure
+from vitlens.plotting.style import save_figure
+
+OUT = Path(__file__).resolve().parent.parent / "docs" / "figures"
+NUM_IMAGES = 200  # attention distance: enough digits for stable per-head means, seconds on a CPU
+ROLLOUT_IMAGES = 8
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    OUT.mkdir(parents=True, exist_ok=True)
+    vit = load_vit("demo", device="cpu")
+    test = open_dataset("digits", vit.preprocess, split="test", num_images=NUM_IMAGES, seed=0)
+    figures = {
+        "filters": filters_figure(filter_pca(vit.patch_projection())),
+        "pos_sim": pos_sim_figure(position_similarity(vit.position_embedding(), vit.layout)),
+        "attention_distance": attention_distance_figure(mean_attention_distance_for(vit, test, batch_size=50)),
+    }
+
+    few = open_dataset("digits", vit.preprocess, split="test", num_images=ROLLOUT_IMAGES, seed=0)
+    rollout = rollout_for(vit, few)
+    photos = [few.load_pil(i) for i in range(len(few))]
+    figures["rollout"] = rollout_grid_figure(photos, rollout.maps, few.names, title="attention rollout (cls token)")
+
+    pool = open_dataset("digits", vit.preprocess, split="train")
+    full_test = open_dataset("digits", vit.preprocess, split="test")
+    result = fewshot_lsr(
+        extract_features(vit, pool),
+        pool.labels,
+        extract_features(vit, full_test),
+        full_test.labels,
+        shots=[1, 2, 5, 10, 25],
+        seeds=5,
+        num_classes=len(pool.classes),
+        class_names=list(pool.classes),
+    )
+    figures["fewshot"] = fewshot_figure(result)
+
+    for name, fig in figures.items():
+        path = save_figure(fig, OUT / f"{name}.png")
+        sys.stderr.write(f"wrote {path} ({path.stat().st_size // 1024} KB)\n")
+
+
+if __name__ == "__main__":
+    main()
