@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.conftest import VIT_FIXTURES, input_for, make_vit, native_kwargs
+from tests.conftest import VIT_FIXTURES, input_for, make_vit, native_kwargs, save_fixture
 from vitlens.errors import UsageError, VitlensError
 from vitlens.models import load_vit
 from vitlens.models.checkpoint import save_checkpoint
@@ -325,3 +325,19 @@ def test_checkpoints_get_normal_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert (tmp_path / "c.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_checkpoint_is_hashed_only_when_its_identity_is_asked_for(tmp_path, monkeypatch):
+    import hashlib
+
+    import vitlens.models.checkpoint as ckpt_mod
+
+    path = save_fixture(tmp_path, "cls")
+    calls = []
+    real = ckpt_mod.file_sha256
+    monkeypatch.setattr(ckpt_mod, "file_sha256", lambda p, **kw: calls.append(p) or real(p, **kw))
+    vit = load_vit(path, num_heads=3, device="cpu")
+    assert calls == []  # loading reads the file once, without hashing it
+    expected = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    assert vit.identity == expected and vit.identity == expected
+    assert len(calls) == 1  # computed once, then cached

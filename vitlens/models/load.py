@@ -20,7 +20,7 @@ from vitlens.device import resolve_device
 from vitlens.errors import UsageError, VitlensError
 from vitlens.layout import Preprocess
 from vitlens.log import logger
-from vitlens.models.checkpoint import CHECKPOINT_SUFFIXES, RawCheckpoint, file_sha256, read_checkpoint
+from vitlens.models.checkpoint import CHECKPOINT_SUFFIXES, RawCheckpoint, read_checkpoint
 from vitlens.models.infer import (
     INFERRED_ARCH,
     INFERRED_DISTILLED_ARCH,
@@ -126,7 +126,6 @@ def _load_file(
     path: Path, arch: str | None, num_heads: int | None, model_kwargs: dict[str, Any], size: tuple[int, int] | None
 ) -> ViT:
     raw = read_checkpoint(path)
-    identity = "sha256:" + file_sha256(path)
     if raw.kind == "npz":
         vit = _from_npz(raw, arch, model_kwargs)
     elif raw.metadata is not None:
@@ -134,7 +133,7 @@ def _load_file(
     else:
         vit = _from_state_dict(raw, arch, num_heads, model_kwargs, size)
     vit.source = str(path)
-    vit.identity = identity
+    vit.checkpoint_path = path
     for note in raw.notes:
         logger.info("%s: %s", path.name, note)
     return vit
@@ -337,7 +336,7 @@ def _load_timm_name(name: str, model_kwargs: dict[str, Any], pretrained: bool) -
     vit = ViT(model, _timm_preprocess(model), arch=name, arch_kwargs=dict(model_kwargs))
     vit.source = name
     tag = getattr(model, "pretrained_cfg", {}).get("tag") if pretrained else "random-init"
-    vit.identity = f"timm:{name}:{tag}"
+    vit.model_id = f"timm:{name}:{tag}"
     return vit
 
 

@@ -8,7 +8,9 @@ non-square grids are handled once.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vitlens.errors import VitlensError
@@ -84,7 +86,8 @@ class ViT:
     arch_kwargs: dict[str, Any] = field(default_factory=dict)  # timm.create_model kwargs that rebuild it
     class_names: list[str] | None = None
     guessed: dict[str, str] = field(default_factory=dict)  # fact -> why it was guessed (e.g. num_heads)
-    identity: str = ""  # stable id for caches: file hash, or timm name + tag
+    model_id: str = ""  # a stable id given at load time (timm name + tag); files are hashed on demand instead
+    checkpoint_path: Path | None = None  # the file the weights came from, if any
     metadata: dict[str, Any] = field(default_factory=dict)  # vitlens checkpoint metadata, if any
     layout: TokenLayout = field(init=False)
 
@@ -97,6 +100,18 @@ class ViT:
         self.layout = token_layout(self.model)
 
     # ----------------------------------------------------------------------------------------- facts
+    @functools.cached_property
+    def identity(self) -> str:
+        """Stable id for caches: ``model_id``, else the checkpoint's SHA-256 (read only when first asked for, since
+        hashing a large checkpoint costs a second read of the file), else "" (a model built in memory)."""
+        if self.model_id:
+            return self.model_id
+        if self.checkpoint_path is not None:
+            from vitlens.models.checkpoint import file_sha256
+
+            return "sha256:" + file_sha256(self.checkpoint_path)
+        return ""
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
