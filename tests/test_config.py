@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import assert_one_line_error
 from typer.testing import CliRunner
 
+from tests.conftest import assert_one_line_error
 from vitlens.cli.app import app
 from vitlens.config import load_settings
 from vitlens.errors import UsageError

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_one_line_error, cli_args, save_fixture
 from timm.models.vision_transformer import VisionTransformer
 from typer.testing import CliRunner
 
+from tests.conftest import assert_one_line_error, cli_args, save_fixture
 from vitlens.cli.app import app
 
 runner = CliRunner()
@@ -182,3 +182,16 @@ def test_parse_sections_keeps_report_order():
     assert parse_sections("fewshot, info") == ("info", "fewshot")
     with pytest.raises(UsageError):
         parse_sections(" , ")
+
+
+def test_every_figure_is_byte_identical_across_runs(tmp_path):
+    """CI can diff the figures: the same inputs give the same PNG bytes (no timestamps, fixed fonts and seeds)."""
+    for name in ("a", "b"):
+        args = ["report", "--out", str(tmp_path / name), "--device", "cpu", "--quiet"]
+        result = runner.invoke(app, args, env={"VITLENS_CACHE_DIR": str(tmp_path / f"cache-{name}")})
+        assert result.exit_code == 0, result.output
+    first = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
+    second = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.png"))
+    assert first == second and len(first) >= 5 + 6  # five analysis figures and six rollout overlays
+    for rel in first:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
