@@ -98,3 +98,10 @@ def test_debug_keeps_traceback(ckpt, monkeypatch):
     monkeypatch.setenv("VITLENS_DEBUG", "1")
     result = runner.invoke(app, ["info", "/no/such/file.pth"])
     assert result.exit_code != 0 and result.exception is not None
+
+
+def test_debug_flag_does_not_leak_into_later_invocations():
+    shown = runner.invoke(app, ["--debug", "info", "/no/such/file.pth"])
+    assert shown.exit_code != 0 and shown.exception is not None and not isinstance(shown.exception, SystemExit)
+    plain = runner.invoke(app, ["info", "/no/such/file.pth"])
+    assert_one_line_error(plain, 1, "checkpoint not found")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Annotated
 
 import typer
@@ -17,7 +16,7 @@ from vitlens.cli import pos_sim as pos_sim_cmd
 from vitlens.cli import report as report_cmd
 from vitlens.cli import rollout as rollout_cmd
 from vitlens.cli import train as train_cmd
-from vitlens.cli.console import fail, handle_errors, setup_logging
+from vitlens.cli.console import fail, handle_errors, set_debug, setup_logging
 from vitlens.errors import VitlensError
 
 app = typer.Typer(
@@ -45,8 +44,7 @@ def main_callback(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks (also VITLENS_DEBUG=1).")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log what vitlens does to stderr.")] = False,
 ) -> None:
-    if debug:
-        os.environ["VITLENS_DEBUG"] = "1"
+    set_debug(debug)
     setup_logging(verbose=verbose)
     try:  # project defaults (vitlens.toml / [tool.vitlens] / VITLENS_*) become click's default_map
         config_cmd.apply_settings(ctx)

@@ -29,8 +29,17 @@ def out_console() -> Console:
     return Console(highlight=False)
 
 
+_debug_flag = False  # --debug of the current invocation; set by the app callback on every invocation
+
+
+def set_debug(enabled: bool) -> None:
+    """Record this invocation's ``--debug`` (reset each time, so in-process invocations do not inherit it)."""
+    global _debug_flag
+    _debug_flag = enabled
+
+
 def debug_enabled() -> bool:
-    return os.environ.get("VITLENS_DEBUG", "").lower() not in ("", "0", "false", "no")
+    return _debug_flag or os.environ.get("VITLENS_DEBUG", "").lower() not in ("", "0", "false", "no")
 
 
 def setup_logging(*, quiet: bool = False, verbose: bool = False) -> None:
