@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from vitlens.cli.console import err_console, out_console, print_json, run_metadata
-from vitlens.cli.fewshot import parse_l2, parse_shots
+from vitlens.cli.fewshot import L2Opt, NoCacheOpt, SeedsOpt, ShotsOpt, parse_l2, parse_shots
 from vitlens.cli.options import (
     DATA_PANEL,
     ArchOpt,
@@ -60,15 +60,6 @@ ReportNumImagesOpt = Annotated[
 ]
 RolloutImagesOpt = Annotated[
     int, typer.Option("--rollout-images", help="Images of --data for rollout.", rich_help_panel=REPORT_PANEL)
-]
-ShotsOpt = Annotated[
-    str, typer.Option("--shots", help="Few-shot: examples per class, comma-separated.", rich_help_panel=REPORT_PANEL)
-]
-SeedsOpt = Annotated[int, typer.Option("--seeds", help="Few-shot: shot draws per count.", rich_help_panel=REPORT_PANEL)]
-L2Opt = Annotated[str, typer.Option("--l2", help="Few-shot: ridge penalty λ, or 'auto'.", rich_help_panel=REPORT_PANEL)]
-NoCacheOpt = Annotated[
-    bool,
-    typer.Option("--no-cache", help="Few-shot: neither read nor write the feature cache.", rich_help_panel=DATA_PANEL),
 ]
 
 
