@@ -3,9 +3,12 @@
     python -m benchmarks [--quick] [--device auto|cpu|cuda] [--models vit_small_patch16_224,vit_base_patch16_224]
 
 Writes ``benchmarks/results/latest.json`` (every measurement, the machine, the settings) and ``latest.md`` (the
-tables and the issue-8 targets). Times are best-of-``repeats``; memory is the growth of the case process's RSS
-high-water mark over the model-loaded baseline (plus ``torch.cuda.max_memory_allocated`` on CUDA).
-"""
+tables and the issue-8 targets). Speed comes from one process per model that interleaves every method round by
+round (best round kept), so a slow spell on a shared machine hits all methods alike; memory from one fresh process
+per method and pass (the growth of its RSS high-water mark over the loaded model, plus
+``torch.cuda.max_memory_allocated`` on CUDA). Every method runs at vitlens's default batch size for the device; the
+first model is also measured at ``compare_batch_sizes``. On CUDA ViT-L/16 joins, and every model runs again in
+bfloat16 and float16."""
 
 from __future__ import annotations
 
@@ -30,36 +33,69 @@ RESULTS = Path(__file__).parent / "results"
 @dataclass(frozen=True)
 class Settings:
     models: tuple[str, ...]  # timm names, random weights
-    img_size: int  # input side for the per-model table
-    num_images: int  # images per measurement in the per-model table
-    batch_size: int
-    scale_images: tuple[int, ...]  # attention-distance scaling in the number of images
-    scale_sizes: tuple[int, ...]  # ... and in resolution (at scale_images[0] images)
-    repeats: int  # timed passes after the memory/warm-up pass; the best is kept
+    img_size: int  # input side for the per-model tables
+    speed_images: int  # images per timed round (all methods interleaved)
+    rounds: int  # timed rounds after one warm-up pass of each method; each method's best round is kept
+    memory_images: int  # images per memory process (one pass)
+    batch_size: int | None  # None: vitlens's default for the device (vitlens.device.default_batch_size)
+    compare_batch_sizes: tuple[int, ...]  # first model only: the speed and memory of the analyses at these too
+    scale_images: tuple[int, ...]  # attention-distance memory vs the number of images (first model only)
+    scale_sizes: tuple[int, ...]  # ... and vs resolution, at scale_images[0] images
+    hires_model: str  # the high-resolution case: many tokens, where keeping every map runs out of memory
+    hires_size: int
+    hires_images: int
+    rss_cap_mib: float  # keep-every-map stops once its process holds more than this (it would only swap or die)
     device: str
-    threads: int | None = None  # torch CPU threads per case; None for torch's default
+    threads: int | None = None  # torch CPU threads per process; None for torch's default
+    gpu_models: tuple[str, ...] = ("vit_large_patch16_224",)  # added on CUDA, where ViT-L/16 takes minutes, not hours
+    gpu_dtypes: tuple[str, ...] = ("bfloat16", "float16")  # on CUDA every model again with its weights in these
 
 
 FULL = Settings(
     models=("vit_small_patch16_224", "vit_base_patch16_224"),
     img_size=224,
-    num_images=128,
-    batch_size=32,
+    speed_images=32,
+    rounds=5,
+    memory_images=128,
+    batch_size=None,
+    compare_batch_sizes=(32,),
     scale_images=(32, 128, 512),
     scale_sizes=(224, 384),
-    repeats=3,
+    hires_model="vit_small_patch14_dinov2",  # ViT-S/14 at 518 px: 37 x 37 patches + 1 = 1370 tokens
+    hires_size=518,
+    hires_images=16,
+    rss_cap_mib=4096,
     device="auto",
 )
 QUICK = Settings(
     models=("vit_tiny_patch16_224",),
     img_size=64,
-    num_images=32,
-    batch_size=8,
+    speed_images=16,
+    rounds=2,
+    memory_images=32,
+    batch_size=None,
+    compare_batch_sizes=(32,),
     scale_images=(8, 32),
     scale_sizes=(64, 128),
-    repeats=2,
+    hires_model="vit_tiny_patch16_224",
+    hires_size=256,
+    hires_images=8,
+    rss_cap_mib=512,
     device="auto",
+    gpu_models=(),
+    gpu_dtypes=("bfloat16",),
 )
+SPEED_METHODS = (
+    "plain-forward",
+    "unfused-forward",
+    "attention-distance",
+    "rollout",
+    "rollout-one-at-a-time",
+    "keep-every-map",
+    "features",
+)
+MEMORY_METHODS = ("plain-forward", "unfused-forward", "attention-distance", "rollout", "keep-every-map")
+BATCH_METHODS = ("plain-forward", "unfused-forward", "attention-distance", "rollout")  # compare_batch_sizes
 
 # Issue 8's targets: (key, description, predicate on the measured value).
 TARGETS = [
@@ -67,7 +103,8 @@ TARGETS = [
     ("rollout_vs_plain", "rollout (batched) images/s ≥ 0.8× plain forward", lambda v: v >= 0.8),
     ("memory_growth_in_images", "attention-distance peak memory flat in #images (largest/smallest ≤ 1.25)", None),
     ("memory_vs_plain", "attention-distance peak memory ≤ 1.5× plain forward", lambda v: v <= 1.5),
-    ("keep_every_map_vs_streaming", "≥ 3× less memory than keep-every-map (128 images, ViT-S/16)", lambda v: v >= 3),
+    ("rollout_memory_vs_plain", "rollout peak memory ≤ 1.5× plain forward", lambda v: v <= 1.5),
+    ("keep_every_map_vs_streaming", "≥ 3× less memory than keep-every-map (first model)", lambda v: v >= 3),
     ("fewshot_sweep_s", "few-shot sweep < 1 s", lambda v: v < 1.0),
     ("help_s", "`vitlens --help` < 0.5 s", lambda v: v < 0.5),
 ]
@@ -89,8 +126,10 @@ def run_case(case: dict[str, Any]) -> dict[str, Any]:
         _log(proc.stderr)
         raise SystemExit(f"benchmark case {case} failed (exit {proc.returncode})")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    what = case.get("method", case["kind"])
     _log(
-        f"  {case['kind']:<20} {case.get('model', '')} n={case.get('num_images')} {time.perf_counter() - started:.1f} s"
+        f"  {what:<22} {case.get('model', '')} {case.get('img_size', '')} px n={case.get('num_images')} "
+        f"{time.perf_counter() - started:.1f} s"
     )
     return result
 
@@ -128,32 +167,55 @@ def machine(device: str) -> dict[str, Any]:
 
 
 def measure(settings: Settings) -> dict[str, Any]:
-    base = {
-        "device": settings.device,
-        "batch_size": settings.batch_size,
-        "repeats": settings.repeats,
-        "threads": settings.threads,
-    }
+    base = {"device": settings.device, "batch_size": settings.batch_size, "threads": settings.threads}
     models: dict[str, dict[str, Any]] = {}
-    for model in settings.models:
-        _log(f"{model}:")
-        case = {**base, "model": model, "img_size": settings.img_size, "num_images": settings.num_images}
-        per = {kind: run_case({**case, "kind": kind}) for kind in ("plain-forward", "attention-distance", "rollout")}
-        ad = per["attention-distance"]
-        per["rollout-one-at-a-time"] = run_case({**case, "kind": "rollout", "batch_size": 1})
-        per["keep-every-map"] = run_case({**case, "kind": "keep-every-map"})
-        # Attention-distance only; the per-model case above is reused where the settings coincide, since every
-        # case is a fresh process with a model load (about 10 s on a loaded 2-core CPU).
+    entries: list[tuple[str, str | None]] = [(m, None) for m in settings.models]
+    if settings.device.startswith("cuda"):
+        float32 = [*settings.models, *settings.gpu_models]
+        entries = [(m, None) for m in float32] + [(m, dt) for dt in settings.gpu_dtypes for m in float32]
+    for i, (model, dtype) in enumerate(entries):
+        key = model if dtype is None else f"{model} {dtype}"
+        _log(f"{key}:")
+        case = {**base, "model": model, "img_size": settings.img_size, "dtype": dtype}
+        # First model: the analyses at other batch sizes too, interleaved in the same rounds ("rollout@32").
+        others = [f"{m}@{b}" for b in settings.compare_batch_sizes for m in BATCH_METHODS] if i == 0 else []
+        speed = run_case(
+            {
+                **case,
+                "kind": "speed",
+                "num_images": settings.speed_images,
+                "rounds": settings.rounds,
+                "methods": [*SPEED_METHODS, *others],
+            }
+        )
+        mem_case = {**case, "kind": "memory", "num_images": settings.memory_images}
+        memory = {m: run_case({**mem_case, "method": m}) for m in MEMORY_METHODS}
+        if i == 0:
+            for b in settings.compare_batch_sizes:
+                memory |= {f"{m}@{b}": run_case({**mem_case, "method": m, "batch_size": b}) for m in BATCH_METHODS}
         scaling = []
-        for n, size in [(n, settings.img_size) for n in settings.scale_images] + [
-            (settings.scale_images[0], size) for size in settings.scale_sizes[1:]
-        ]:
-            same = n == settings.num_images and size == settings.img_size
-            scaling.append(
-                ad if same else run_case({**case, "kind": "attention-distance", "num_images": n, "img_size": size})
-            )
-        models[model] = {"cases": per, "scaling": scaling}
-    _log("few-shot sweep, CLI start-up:")
+        if i == 0:  # attention-distance memory vs images and resolution, first model only (minutes per case)
+            for n, size in [(n, settings.img_size) for n in settings.scale_images] + [
+                (settings.scale_images[0], size) for size in settings.scale_sizes[1:]
+            ]:
+                same = n == settings.memory_images and size == settings.img_size
+                scaling.append(
+                    memory["attention-distance"]
+                    if same
+                    else run_case({**mem_case, "method": "attention-distance", "num_images": n, "img_size": size})
+                )
+        models[key] = {"speed": speed, "memory": memory, "scaling": scaling}
+    _log(f"high resolution, {settings.hires_model} at {settings.hires_size} px:")
+    hires_case = {
+        **base,
+        "kind": "memory",
+        "model": settings.hires_model,
+        "img_size": settings.hires_size,
+        "num_images": settings.hires_images,
+        "rss_cap_mib": settings.rss_cap_mib,
+    }
+    hires = {m: run_case({**hires_case, "method": m}) for m in MEMORY_METHODS}
+    _log("few-shot, CLI start-up:")
     fewshot = run_case({**base, "kind": "fewshot", "repeats": 5})
     vitlens_bin = str(Path(sys.executable).with_name("vitlens"))
     startup = {
@@ -161,7 +223,7 @@ def measure(settings: Settings) -> dict[str, Any]:
         "import_analysis_s": best_wall([sys.executable, "-c", "import vitlens.analysis"]),
         "python_startup_s": best_wall([sys.executable, "-c", "pass"]),
     }
-    return {"models": models, "fewshot": fewshot, "startup": startup}
+    return {"models": models, "hires": hires, "fewshot": fewshot, "startup": startup}
 
 
 def _growth(r: dict[str, Any]) -> float:
@@ -172,24 +234,57 @@ def _growth(r: dict[str, Any]) -> float:
 def ratios(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     """The issue-8 target quantities, per model (plus the model-free ones under ``"all"``)."""
     out: dict[str, dict[str, float]] = {}
+    first = next(iter(results["models"]))
     for model, m in results["models"].items():
-        c = m["cases"]
-        plain, ad = c["plain-forward"], c["attention-distance"]
-        sizes = {s["img_size"] for s in m["scaling"]}
-        by_n = [s for s in m["scaling"] if s["kind"] == "attention-distance" and s["img_size"] == min(sizes)]
-        by_n.sort(key=lambda s: s["num_images"])
+        ips, mem = m["speed"]["images_per_s"], m["memory"]
+        plain = ips["plain-forward"]
         out[model] = {
-            "attention_distance_vs_plain": ad["images_per_s"] / plain["images_per_s"],
-            "rollout_vs_plain": c["rollout"]["images_per_s"] / plain["images_per_s"],
-            "rollout_batched_vs_one_at_a_time": c["rollout"]["images_per_s"]
-            / c["rollout-one-at-a-time"]["images_per_s"],
-            "memory_growth_in_images": _growth(by_n[-1]) / max(_growth(by_n[0]), 1e-9),
-            "memory_vs_plain": _growth(ad) / max(_growth(plain), 1e-9),
-            "keep_every_map_vs_streaming": _growth(c["keep-every-map"]) / max(_growth(ad), 1e-9),
-            "attention_distance_vs_keep_every_map_speed": ad["images_per_s"] / c["keep-every-map"]["images_per_s"],
+            "attention_distance_vs_plain": ips["attention-distance"] / plain,
+            "rollout_vs_plain": ips["rollout"] / plain,
+            "unfused_vs_plain": ips["unfused-forward"] / plain,
+            "attention_distance_vs_unfused": ips["attention-distance"] / ips["unfused-forward"],
+            "rollout_vs_unfused": ips["rollout"] / ips["unfused-forward"],
+            "rollout_batched_vs_one_at_a_time": ips["rollout"] / ips["rollout-one-at-a-time"],
+            "features_vs_plain": ips["features"] / plain,
+            "memory_vs_plain": _growth(mem["attention-distance"]) / max(_growth(mem["plain-forward"]), 1e-9),
+            "unfused_memory_vs_plain": _growth(mem["unfused-forward"]) / max(_growth(mem["plain-forward"]), 1e-9),
+            "rollout_memory_vs_plain": _growth(mem["rollout"]) / max(_growth(mem["plain-forward"]), 1e-9),
+            "attention_distance_vs_keep_every_map_speed": ips["attention-distance"] / ips["keep-every-map"],
         }
-    out["all"] = {"fewshot_sweep_s": results["fewshot"]["seconds"], "help_s": results["startup"]["help_s"]}
+        for name in ips:
+            if name.startswith("plain-forward@"):
+                b = name.partition("@")[2]
+                out[model] |= {
+                    f"attention_distance_vs_plain@{b}": ips[f"attention-distance@{b}"] / ips[name],
+                    f"rollout_vs_plain@{b}": ips[f"rollout@{b}"] / ips[name],
+                    f"memory_vs_plain@{b}": _growth(mem[f"attention-distance@{b}"]) / max(_growth(mem[name]), 1e-9),
+                    f"rollout_memory_vs_plain@{b}": _growth(mem[f"rollout@{b}"]) / max(_growth(mem[name]), 1e-9),
+                    f"plain_default_vs@{b}": plain / ips[name],
+                    f"attention_distance_default_vs@{b}": ips["attention-distance"] / ips[f"attention-distance@{b}"],
+                }
+        if model == first:
+            out[model]["keep_every_map_vs_streaming"] = _growth(mem["keep-every-map"]) / max(
+                _growth(mem["attention-distance"]), 1e-9
+            )
+            sizes = {s["img_size"] for s in m["scaling"]}
+            by_n = sorted((s for s in m["scaling"] if s["img_size"] == min(sizes)), key=lambda s: s["num_images"])
+            out[model]["memory_growth_in_images"] = _growth(by_n[-1]) / max(_growth(by_n[0]), 1e-9)
+    hires = results["hires"]
+    out["all"] = {
+        "fewshot_sweep_s": results["fewshot"]["ridge_s"],
+        "help_s": results["startup"]["help_s"],
+        "hires_memory_vs_plain": _growth(hires["attention-distance"]) / max(_growth(hires["plain-forward"]), 1e-9),
+        "hires_speed_vs_plain": hires["attention-distance"]["images_per_s"] / hires["plain-forward"]["images_per_s"],
+        "hires_speed_vs_unfused": (
+            hires["attention-distance"]["images_per_s"] / hires["unfused-forward"]["images_per_s"]
+        ),
+    }
     return out
+
+
+def _maps_gib(r: dict[str, Any], images: int) -> float:
+    """GiB that keeping every layer's float32 maps of ``images`` images needs, the maps alone."""
+    return r["depth"] * images * r["num_heads"] * r["num_tokens"] ** 2 * 4 / 2**30
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -200,38 +295,108 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores, load average {', '.join(f'{x:.1f}' for x in m['load_average'])} "
         f"at start; GPU: {gpu}; device `{m['device']}`. Python {m['python']}, torch {m['torch']}, timm {m['timm']}, "
-        f"vitlens {m['vitlens']}.",
+        f"vitlens {m['vitlens']}. Total {report['total_s'] / 60:.0f} min.",
         "",
-        f"Settings: {s['img_size']} px, {s['num_images']} images (digits, upsampled), batch {s['batch_size']}, "
-        f"best of {s['repeats']}, torch threads {s['threads'] or 'default'}, random weights. "
-        "Memory = growth of the case process's RSS high-water mark over "
-        "the loaded model (CUDA: `max_memory_allocated`).",
+        f"Settings: {s['img_size']} px, batch {s['batch_size']}, torch threads {s['threads'] or 'default'}, random "
+        "weights, scikit-learn's digits upsampled to the model's input. Speed: "
+        f"{s['speed_images']} images per round, all methods interleaved in one process, best of {s['rounds']} rounds "
+        f"after a warm-up pass. Memory: {s['memory_images']} images, one pass per fresh process; the growth of its RSS "
+        "high-water mark over the loaded model (CUDA: `max_memory_allocated`).",
         "",
     ]
     for model, mr in res["models"].items():
-        lines += [f"## {model}", "", "| case | images/s | × plain | peak memory (MiB) |", "|---|---:|---:|---:|"]
-        plain = mr["cases"]["plain-forward"]["images_per_s"]
-        for name, r in mr["cases"].items():
-            lines.append(f"| {name} | {r['images_per_s']:.1f} | {r['images_per_s'] / plain:.2f} | {_growth(r):.1f} |")
+        ips = mr["speed"]["images_per_s"]
+        plain, unfused = ips["plain-forward"], ips["unfused-forward"]
         lines += [
+            f"## {model}",
             "",
-            "Scaling:",
-            "",
-            "| case | px | images | images/s | peak memory (MiB) |",
+            "| method | images/s | × plain | × unfused | peak memory (MiB) |",
             "|---|---:|---:|---:|---:|",
         ]
-        for r in mr["scaling"]:
-            lines.append(
-                f"| {r['kind']} | {r['img_size']} | {r['num_images']} | {r['images_per_s']:.1f} | {_growth(r):.1f} |"
-            )
+        for name, v in ips.items():
+            if "@" in name:
+                continue
+            mem = mr["memory"].get(name)
+            cell = f"{_growth(mem):.0f}" if mem else "–"
+            lines.append(f"| {name} | {v:.2f} | {v / plain:.2f} | {v / unfused:.2f} | {cell} |")
+        others = sorted({int(n.partition("@")[2]) for n in ips if "@" in n})
+        if others:
+            bs = [s["batch_size"], *others]
+            lines += [
+                "",
+                "Batch size (images/s and peak memory in MiB; the analyses' rows are the batch they were asked for):",
+                "",
+                "| method | "
+                + " | ".join(f"images/s @{b}" for b in bs)
+                + " | "
+                + " | ".join(f"memory @{b}" for b in bs)
+                + " |",
+                "|---|" + "---:|" * (2 * len(bs)),
+            ]
+            for name in BATCH_METHODS:
+                keys = [name, *(f"{name}@{b}" for b in others)]
+                speeds = [f"{ips[k]:.2f}" for k in keys]
+                mems = [f"{_growth(mr['memory'][k]):.0f}" if k in mr["memory"] else "–" for k in keys]
+                lines.append(f"| {name} | " + " | ".join(speeds + mems) + " |")
+        if mr["scaling"]:
+            lines += [
+                "",
+                "attention-distance, scaling:",
+                "",
+                "| px | tokens | images | images/s | peak memory (MiB) |",
+                "|---:|---:|---:|---:|---:|",
+            ]
+            for r in mr["scaling"]:
+                lines.append(
+                    f"| {r['img_size']} | {r['num_tokens']} | {r['num_images']} | {r['images_per_s']:.2f} | "
+                    f"{_growth(r):.0f} |"
+                )
         lines.append("")
-    st = res["startup"]
+    hires = res["hires"]
+    any_r = next(iter(hires.values()))
     lines += [
-        "## Start-up and few-shot",
+        f"## High resolution: {any_r['model']} at {any_r['img_size']} px ({any_r['num_tokens']} tokens), "
+        f"{any_r['num_images']} images, batch {any_r['batch_size']}",
+        "",
+        "| method | images/s | peak memory (MiB) | note |",
+        "|---|---:|---:|---|",
+    ]
+    for name, r in hires.items():
+        note = (
+            ""
+            if r.get("ran_batch_size", s["batch_size"]) == s["batch_size"]
+            else (f"batch lowered to {r['ran_batch_size']} by the attention-memory budget")
+        )
+        if "stopped_after_images" in r:
+            note = (
+                f"stopped at the {s['rss_cap_mib'] / 1024:.1f} GiB cap after {r['stopped_after_images']} images; "
+                f"the maps alone of 128 images would take {_maps_gib(r, 128):.0f} GiB"
+            )
+        elif name == "keep-every-map":
+            note = f"the maps alone of 128 images would take {_maps_gib(r, 128):.0f} GiB"
+        lines.append(f"| {name} | {r['images_per_s']:.2f} | {_growth(r):.0f} | {note} |")
+    st, fs = res["startup"], res["fewshot"]
+    lines += [
+        "",
+        "## Few-shot and start-up",
+        "",
+        f"- Few-shot on the {fs['model']} model, digits ({fs['pool_images']} pool / {fs['test_images']} test images, "
+        f"{fs['features']} features, {fs['classes']} classes): feature extraction {fs['images_per_s']:.0f} images/s; "
+        f"the ridge sweep ({len(fs['shots'])} shot counts × {fs['seeds']} seeds) {1000 * fs['ridge_s']:.1f} ms, with "
+        f"`--l2 auto` {1000 * fs['auto_s']:.1f} ms; scikit-learn LogisticRegression on the same shots "
+        f"{1000 * fs['logreg_s']:.1f} ms ({fs['logreg_s'] / fs['ridge_s']:.0f}× the ridge sweep).",
+        "",
+        "  | shots | ridge λ=1024 | ridge auto λ | logistic (C=1) |",
+        "  |---:|---:|---:|---:|",
+    ]
+    acc = fs["accuracy"]
+    for i, k in enumerate(fs["shots"]):
+        cells = [f"{100 * a[i]['mean']:.1f} ± {100 * a[i]['std']:.1f}" for a in acc.values()]
+        lines.append(f"  | {k} | " + " | ".join(cells) + " |")
+    lines += [
         "",
         f"- `vitlens --help`: {st['help_s']:.3f} s (best of 5); `python -c 'import vitlens.analysis'`: "
         f"{st['import_analysis_s']:.3f} s; bare `python -c pass`: {st['python_startup_s']:.3f} s.",
-        f"- few-shot sweep (demo model, digits, default shots and seeds): {res['fewshot']['seconds']:.3f} s.",
         "",
         "## Issue-8 targets",
         "",
@@ -248,6 +413,32 @@ def markdown(report: dict[str, Any]) -> str:
             if key == "memory_growth_in_images":
                 verdict = " ✅" if r[key] <= 1.25 else " ❌"
             cells.append(f"{r[key]:.2f}{verdict}")
+        lines.append(f"| {text} | " + " | ".join(cells) + " |")
+    extra = [
+        ("unfused_vs_plain", "timm's explicit attention path (the floor of any map capture) × plain"),
+        ("attention_distance_vs_unfused", "attention-distance × the explicit path"),
+        ("rollout_vs_unfused", "rollout × the explicit path"),
+        ("rollout_batched_vs_one_at_a_time", "batched rollout × one image at a time"),
+        ("attention_distance_vs_keep_every_map_speed", "attention-distance × keep-every-map, speed"),
+        ("features_vs_plain", "few-shot feature extraction × plain"),
+        ("unfused_memory_vs_plain", "timm's explicit attention path, peak memory × plain"),
+        ("hires_memory_vs_plain", "high resolution: attention-distance memory × plain"),
+        ("hires_speed_vs_plain", "high resolution: attention-distance images/s × plain"),
+        ("hires_speed_vs_unfused", "high resolution: attention-distance images/s × the explicit path"),
+    ]
+    for b in s["compare_batch_sizes"]:
+        extra += [
+            (f"plain_default_vs@{b}", f"plain forward at batch {s['batch_size']} × at batch {b}, images/s"),
+            (f"attention_distance_default_vs@{b}", f"attention-distance at batch {s['batch_size']} × at {b}"),
+            (f"attention_distance_vs_plain@{b}", f"at batch {b}: attention-distance images/s × plain"),
+            (f"rollout_vs_plain@{b}", f"at batch {b}: rollout images/s × plain"),
+            (f"memory_vs_plain@{b}", f"at batch {b}: attention-distance memory × plain"),
+            (f"rollout_memory_vs_plain@{b}", f"at batch {b}: rollout memory × plain"),
+        ]
+    lines += ["", "Context:", "", "| quantity | " + " | ".join(report["ratios"]) + " |"]
+    lines.append("|---|" + "---:|" * len(report["ratios"]))
+    for key, text in extra:
+        cells = [f"{r[key]:.2f}" if key in r else "–" for r in report["ratios"].values()]
         lines.append(f"| {text} | " + " | ".join(cells) + " |")
     lines.append("")
     return "\n".join(lines)
@@ -271,12 +462,13 @@ def main(argv: list[str] | None = None) -> None:
     settings = dataclasses.replace(settings, device=args.device)
     if args.models:
         settings = dataclasses.replace(settings, models=tuple(args.models.split(",")))
-    from vitlens.device import resolve_device
+    from vitlens.device import default_batch_size, resolve_device
 
-    device = str(resolve_device(args.device))
-    settings = dataclasses.replace(settings, device=device, threads=args.threads)
+    device = resolve_device(args.device)
+    batch_size = settings.batch_size or default_batch_size(device)
+    settings = dataclasses.replace(settings, device=str(device), threads=args.threads, batch_size=batch_size)
     started = time.perf_counter()
-    report = {"quick": args.quick, "machine": machine(device), "settings": dataclasses.asdict(settings)}
+    report = {"quick": args.quick, "machine": machine(str(device)), "settings": dataclasses.asdict(settings)}
     report["results"] = measure(settings)
     report["ratios"] = ratios(report["results"])
     report["total_s"] = time.perf_counter() - started

@@ -1,9 +1,14 @@
-"""One benchmark case per process: ``python -m benchmarks.cases '<json>'`` prints one JSON line of results.
+"""Benchmark cases, one process each: ``python -m benchmarks.cases '<json>'`` prints one JSON line of results.
 
-Each case runs in a fresh interpreter because the only honest peak-memory number for torch on CPU is the process
-high-water mark (``ru_maxrss``): tracemalloc does not see torch's allocator, and a high-water mark cannot be reset
-inside a process. The first pass over the images is the memory pass (it is also the warm-up); the timed passes
-follow and the best is kept.
+Two kinds of process:
+
+- ``speed``: loads the model once and times every method on the same images in interleaved rounds (plain, unfused,
+  attention-distance, ...; then again), keeping each method's best round. On a shared machine a slow spell then
+  hits every method alike instead of one, so the ratios hold (a method timed alone, minutes after another, varied by
+  more than 10 % here).
+- ``memory``: one method, one pass, in a fresh interpreter, because the only honest peak-memory number for torch
+  on the CPU is the process high-water mark (``ru_maxrss``): tracemalloc does not see torch's allocator, and a
+  high-water mark cannot be reset inside a process. On CUDA also ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -23,19 +29,38 @@ def _max_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def _rss_now_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _plain_forward(vit, dataset, batch_size: int) -> Callable[[], None]:
+@contextmanager
+def _fused(vit, on: bool):
+    """Every block's ``fused_attn`` set to ``on`` for the block's duration, restored after."""
+    saved = [block.attn.fused_attn for block in vit.model.blocks]
+    for block in vit.model.blocks:
+        block.attn.fused_attn = on
+    try:
+        yield
+    finally:
+        for block, flag in zip(vit.model.blocks, saved, strict=True):
+            block.attn.fused_attn = flag
+
+
+def _forward(vit, dataset, batch_size: int, *, fused: bool) -> Callable[[], None]:
     from vitlens.data import iterate_batches
 
     dtype = next(vit.model.parameters()).dtype
 
     def run() -> None:
-        # The floor: timm's own forward, fused attention, nothing captured.
-        with torch.inference_mode():
+        # fused=True is the floor: timm's own forward, SDPA, nothing captured. fused=False is timm's explicit
+        # path, which materialises every layer's attention map: the floor of any method that reads the maps.
+        with torch.inference_mode(), _fused(vit, fused):
             for batch in iterate_batches(dataset, batch_size=batch_size, device=vit.device):
                 vit.model(batch.images.to(dtype))
 
@@ -54,6 +79,12 @@ def _rollout(vit, dataset, batch_size: int) -> Callable[[], None]:
     return lambda: rollout_for(vit, dataset, batch_size=batch_size)
 
 
+def _features(vit, dataset, batch_size: int) -> Callable[[], None]:
+    from vitlens.fewshot import extract_features
+
+    return lambda: extract_features(vit, dataset, batch_size=batch_size)
+
+
 def _numpy_mean_distance(attn: np.ndarray, layout) -> np.ndarray:
     """Mean attention distance the notebook way: every map in memory, one NumPy expression. ``attn`` is
     ``[layers, B, heads, N, N]``; returns ``[layers, heads]`` in pixels."""
@@ -68,106 +99,167 @@ def _numpy_mean_distance(attn: np.ndarray, layout) -> np.ndarray:
     return (p * dist).sum(-1).mean(-1).mean(1)
 
 
-def _keep_every_map(vit, dataset, batch_size: int) -> Callable[[], None]:
-    """How the existing notebooks do it: timm's ``AttentionExtract`` keeps every layer's maps of every image."""
+class OverMemory(Exception):
+    """keep-every-map passed its RSS cap; ``images`` says how far it got."""
+
+    def __init__(self, images: int, rss_mib: float) -> None:
+        super().__init__(f"over the RSS cap after {images} images ({rss_mib:.0f} MiB)")
+        self.images, self.rss_mib = images, rss_mib
+
+
+def _keep_every_map(vit, dataset, batch_size: int, rss_cap_mib: float | None = None) -> Callable[[], None]:
+    """How the existing notebooks do it: forward hooks on every ``attn_drop`` (what timm's ``AttentionExtract``
+    does with ``method="hook"``) keep every layer's maps of every image, then one NumPy expression.
+
+    The hooks live for one pass only, so the other methods timed in the same process run unhooked. With
+    ``rss_cap_mib`` the pass stops with :class:`OverMemory` once the process holds more than that.
+    """
     from vitlens.data import iterate_batches
-
-    for block in vit.model.blocks:
-        block.attn.fused_attn = False  # the hooked attn_drop only runs on the unfused path
-    if hasattr(__import__("timm.utils", fromlist=["x"]), "AttentionExtract"):
-        from timm.utils import AttentionExtract
-
-        extractor = AttentionExtract(vit.model, method="hook")  # hooks on every *attn_drop
-    else:  # older timm: plain forward hooks, kept for the life of this process
-        outputs: dict[str, torch.Tensor] = {}
-        for i, block in enumerate(vit.model.blocks):
-            block.attn.attn_drop.register_forward_hook(lambda _m, _i, out, i=i: outputs.__setitem__(f"{i}", out))
-
-        def extractor(x: torch.Tensor) -> dict[str, torch.Tensor]:
-            vit.model(x)
-            return dict(outputs)
 
     dtype = next(vit.model.parameters()).dtype
 
     def run() -> None:
-        maps: dict[str, list[np.ndarray]] = {}
-        with torch.inference_mode():
-            for batch in iterate_batches(dataset, batch_size=batch_size, device=vit.device):
-                for name, attn in extractor(batch.images.to(dtype)).items():
-                    maps.setdefault(name, []).append(attn.float().cpu().numpy())  # [B, heads, N, N]
-        attn = np.stack([np.concatenate(parts) for parts in maps.values()])  # [layers, images, heads, N, N]
+        maps: dict[int, list[np.ndarray]] = {}  # layer -> [B, heads, N, N] per batch
+        handles = [
+            block.attn.attn_drop.register_forward_hook(
+                lambda _m, _i, out, i=i: maps.setdefault(i, []).append(out.float().cpu().numpy())
+            )
+            for i, block in enumerate(vit.model.blocks)
+        ]
+        done = 0
+        try:
+            with torch.inference_mode(), _fused(vit, False):
+                for batch in iterate_batches(dataset, batch_size=batch_size, device=vit.device):
+                    vit.model(batch.images.to(dtype))
+                    done += batch.images.shape[0]
+                    if rss_cap_mib is not None and _rss_now_mib() > rss_cap_mib:
+                        raise OverMemory(done, _rss_now_mib())
+        finally:
+            for handle in handles:
+                handle.remove()
+        attn = np.stack([np.concatenate(maps[i]) for i in sorted(maps)])  # [layers, images, heads, N, N]
         _numpy_mean_distance(attn, vit.layout)
 
     return run
 
 
-KINDS: dict[str, Callable[..., Callable[[], None]]] = {
-    "plain-forward": _plain_forward,
+METHODS: dict[str, Callable[..., Callable[[], None]]] = {
+    "plain-forward": lambda vit, ds, bs: _forward(vit, ds, bs, fused=True),
+    "unfused-forward": lambda vit, ds, bs: _forward(vit, ds, bs, fused=False),
     "attention-distance": _attention_distance,
-    "keep-every-map": _keep_every_map,
     "rollout": _rollout,
+    "rollout-one-at-a-time": lambda vit, ds, _bs: _rollout(vit, ds, 1),
+    "keep-every-map": _keep_every_map,
+    "features": _features,
 }
 
 
-def run_case(case: dict[str, Any]) -> dict[str, Any]:
-    """Load the model, open ``num_images`` digits upsampled to the model's size, run ``kind`` once for memory and
-    ``repeats`` times for time."""
+def _method(name: str, vit, dataset, batch_size: int) -> Callable[[], None]:
+    """``METHODS[name]``; ``"rollout@32"`` runs rollout at batch 32 instead of the case's batch size."""
+    method, _, batch = name.partition("@")
+    return METHODS[method](vit, dataset, int(batch) if batch else batch_size)
+
+
+def _setup(case: dict[str, Any]):
     from vitlens.data import open_dataset
     from vitlens.models import load_vit
 
     if case.get("threads"):
         torch.set_num_threads(case["threads"])
-    if case["kind"] == "fewshot":
-        return _fewshot(case)
     vit = load_vit(case["model"], pretrained=False, img_size=case["img_size"], device=case["device"])
+    if case.get("dtype"):  # e.g. "bfloat16": every method casts its images to the weights' dtype
+        vit.model.to(getattr(torch, case["dtype"]))
     dataset = open_dataset("digits", vit.preprocess, split="all", num_images=case["num_images"])
-    run = KINDS[case["kind"]](vit, dataset, case["batch_size"])
+    return vit, dataset
+
+
+def speed(case: dict[str, Any]) -> dict[str, Any]:
+    """Images/s of every method in ``case["methods"]``: one warm-up pass each, then ``rounds`` interleaved rounds;
+    each method's best round."""
+    vit, dataset = _setup(case)
+    runs = {name: _method(name, vit, dataset, case["batch_size"]) for name in case["methods"]}
+    for run in runs.values():
+        run()
+    _sync(vit.device)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(case["rounds"]):
+        for name, run in runs.items():
+            started = time.perf_counter()
+            run()
+            _sync(vit.device)
+            times[name].append(time.perf_counter() - started)
+    n = len(dataset)
+    return {
+        **case,
+        "images": n,
+        "seconds": {name: min(t) for name, t in times.items()},
+        "images_per_s": {name: n / min(t) for name, t in times.items()},
+        "all_seconds": times,
+    }
+
+
+def memory(case: dict[str, Any]) -> dict[str, Any]:
+    """Peak memory of one pass of ``case["method"]``: growth of the RSS high-water mark over the loaded model (and
+    ``max_memory_allocated`` on CUDA), plus that pass's images/s."""
+    from vitlens.attention import capped_batch_size
+
+    vit, dataset = _setup(case)
+    name = case["method"]
+    if name == "keep-every-map":
+        run = _keep_every_map(vit, dataset, case["batch_size"], rss_cap_mib=case.get("rss_cap_mib"))
+    else:
+        run = METHODS[name](vit, dataset, case["batch_size"])
     device = vit.device
+    dtype = next(vit.model.parameters()).dtype
+    # The streaming analyses lower the batch size to their attention-memory budget; record what they really ran.
+    ran_batch = case["batch_size"]
+    if name in ("attention-distance", "rollout"):
+        ran_batch = capped_batch_size(vit, ran_batch, dtype=dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     rss_before = _max_rss_mib()
-    run()
-    _sync(device)
-    rss_after = _max_rss_mib()
-    times = []
-    for _ in range(case["repeats"]):
-        started = time.perf_counter()
-        run()
-        _sync(device)
-        times.append(time.perf_counter() - started)
-    best = min(times)
-    out = {
+    out: dict[str, Any] = {
         **case,
         "images": len(dataset),
-        "seconds": best,
-        "images_per_s": len(dataset) / best,
-        "rss_mib": rss_after,
-        "rss_growth_mib": rss_after - rss_before,
+        "num_tokens": vit.layout.num_tokens,
+        "depth": vit.depth,
+        "num_heads": vit.num_heads,
+        "ran_batch_size": ran_batch,
     }
+    started = time.perf_counter()
+    try:
+        run()
+    except OverMemory as e:
+        out["stopped_after_images"] = e.images
+    _sync(device)
+    seconds = time.perf_counter() - started
+    rss_after = _max_rss_mib()
+    done = out.get("stopped_after_images", len(dataset))
+    out |= {"seconds": seconds, "images_per_s": done / seconds, "rss_mib": rss_after}
+    out["rss_growth_mib"] = rss_after - rss_before
     if device.type == "cuda":
         out["cuda_peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
 
 
-def _fewshot(case: dict[str, Any]) -> dict[str, Any]:
-    """The closed-form few-shot sweep (default shots and seeds) on the demo model's digits features."""
+def fewshot(case: dict[str, Any]) -> dict[str, Any]:
+    """The closed-form few-shot sweep on the demo model's digits features, against scikit-learn's
+    LogisticRegression on the same features and shots (:mod:`benchmarks.fewshot_vs_logreg`)."""
+    from benchmarks.fewshot_vs_logreg import compare
     from vitlens.data import open_dataset
-    from vitlens.fewshot import cached_features, fewshot_lsr
     from vitlens.models import load_vit
 
+    if case.get("threads"):
+        torch.set_num_threads(case["threads"])
     vit = load_vit("demo", device=case["device"])
     pool = open_dataset("digits", vit.preprocess, split="train", require_labels=True)
     test = open_dataset("digits", vit.preprocess, split="test", require_labels=True)
-    train_feats, _ = cached_features(vit, pool, use_cache=False)
-    test_feats, _ = cached_features(vit, test, use_cache=False)
-    fewshot_lsr(train_feats, pool.labels, test_feats, test.labels)  # warm-up
-    times = []
-    for _ in range(case["repeats"]):
-        started = time.perf_counter()
-        fewshot_lsr(train_feats, pool.labels, test_feats, test.labels)
-        times.append(time.perf_counter() - started)
-    return {**case, "images": len(pool) + len(test), "seconds": min(times)}
+    return {**case, **compare(vit, pool, test, repeats=case["repeats"], use_cache=False)}
+
+
+KINDS = {"speed": speed, "memory": memory, "fewshot": fewshot}
 
 
 if __name__ == "__main__":
-    print(json.dumps(run_case(json.loads(sys.argv[1]))))
+    case = json.loads(sys.argv[1])
+    print(json.dumps(KINDS[case["kind"]](case)))

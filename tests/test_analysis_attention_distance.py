@@ -136,9 +136,11 @@ def test_prefix_mass_and_renormalize():
 
 
 @pytest.mark.parametrize("renormalize", [True, False])
-def test_random_attention_matches_plain_loops(renormalize):
+# The reduction walks the 2 x 3 query blocks in chunks: all at once, one by one, and 4 then 2 (an uneven split).
+@pytest.mark.parametrize("chunk_bytes", [None, 1, 4 * HW * N * 8 + 7])
+def test_random_attention_matches_plain_loops(renormalize, chunk_bytes):
     attn = random_attention(2, 3, N, seed=3, sink=2.0)
-    dist, mass = attention_distance_per_image(attn, LAYOUT, renormalize=renormalize)
+    dist, mass = attention_distance_per_image(attn, LAYOUT, renormalize=renormalize, chunk_bytes=chunk_bytes)
     for b in range(2):
         for h in range(3):
             d, m = plain_distance(attn[b, h].numpy(), LAYOUT, renormalize)

@@ -163,6 +163,50 @@ def test_state_does_not_grow_with_the_number_of_images(monkeypatch):
     assert batch_rows == [5, 5, 5, 5, 2, 2]
 
 
+def test_batches_are_cut_to_the_attention_budget(caplog):
+    vit = _vit("reg")
+    dataset = _digits(vit)
+    n = vit.layout.num_tokens
+    per_image = vit.num_heads * n * n * 4  # one layer's float32 map of one image, in bytes
+    assert driver.capped_batch_size(vit, 64, dtype=torch.float32, budget_bytes=3 * per_image + 1) == 3
+    assert driver.capped_batch_size(vit, 2, dtype=torch.float32, budget_bytes=3 * per_image + 1) == 2
+    assert driver.capped_batch_size(vit, 64, dtype=torch.bfloat16, budget_bytes=3 * per_image + 1) == 6
+    assert driver.capped_batch_size(vit, 64, dtype=torch.float32, budget_bytes=1) == 1  # one image still runs
+
+    spy = _Spy()
+    with caplog.at_level("INFO", logger="vitlens"):
+        seen = stream_attention(vit, dataset, spy, batch_size=5, attention_budget_bytes=2 * per_image)
+    assert seen == NUM_IMAGES
+    assert {s[0] for s in spy.shapes} == {2}
+    assert "batch size 5 -> 2" in caplog.text
+    # The result is the same as with whole batches.
+    capped = driver.AttentionDistanceAccumulator(vit.layout, depth=vit.depth, num_heads=vit.num_heads)
+    stream_attention(vit, dataset, capped, batch_size=5, attention_budget_bytes=2 * per_image)
+    whole = mean_attention_distance_for(vit, dataset, batch_size=NUM_IMAGES)
+    np.testing.assert_allclose(capped.result().distance_px, whole.distance_px, rtol=1e-9, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_attention_is_one_error(bad):
+    vit = _vit("reg")
+    dataset = _digits(vit, 4)
+
+    class Poison:
+        def update(self, layer, attn):
+            pass
+
+    # One entry of layer 1's map, set in place by a hook registered before the capture's, so it runs first.
+    def poison(module, _inputs, output):
+        output[1, 0, 2, 3] = bad
+
+    handle = vit.model.blocks[1].attn.attn_drop.register_forward_hook(poison)
+    try:
+        with pytest.raises(VitlensError, match="attention of layer 1 has NaN/inf"):
+            stream_attention(vit, dataset, Poison(), batch_size=4)
+    finally:
+        handle.remove()
+
+
 def test_default_target_and_errors(tmp_path):
     gap, reg = _vit("gap"), _vit("reg")
     assert default_target(gap.layout) == "mean-patch" and default_target(reg.layout) == "cls"

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from sklearn.linear_model import Ridge
 
 from tests.conftest import make_vit, save_fixture
@@ -398,6 +400,28 @@ def test_cache_misses_when_the_model_data_or_layers_change(tmp_path, loaded):
     assert key["preprocess"] == vit.preprocess.as_dict() and key["vitlens"]
 
 
+def test_cache_misses_when_an_image_is_edited_in_place(tmp_path, loaded):
+    vit, _ = loaded
+    folder = tmp_path / "imgs"
+    for cls, colour in (("red", (255, 0, 0)), ("blue", (0, 0, 255))):
+        (folder / cls).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (16, 16), colour).save(folder / cls / f"{i}.png")
+    cache = tmp_path / "cache"
+
+    def run():
+        return cached_features(vit, open_dataset(folder, vit.preprocess, split="all"), cache_dir=cache)
+
+    assert run()[1] == "miss"
+    assert run()[1] == "hit"
+    edited = folder / "red" / "1.png"
+    before = edited.stat()
+    Image.new("RGB", (16, 16), (0, 255, 0)).save(edited)  # same name, new pixels
+    os.utime(edited, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000))  # as a later edit, whatever the clock
+    assert run()[1] == "miss"
+    assert run()[1] == "hit"
+
+
 def test_a_file_with_another_key_or_corrupt_is_not_used(tmp_path, loaded, caplog):
     vit, dataset = loaded
     cache = tmp_path / "cache"
@@ -414,8 +438,8 @@ def test_a_file_with_another_key_or_corrupt_is_not_used(tmp_path, loaded, caplog
     path.write_bytes(b"PK\x03\x04 not really a zip file")
     calls = _count_forward(vit)
     with caplog.at_level(logging.WARNING, logger="vitlens"):
-        again, status = cached_features(vit, dataset, cache_dir=cache)
-    assert status == "miss" and calls[0] == 1
+        again, status = cached_features(vit, dataset, cache_dir=cache, batch_size=8)
+    assert status == "miss" and calls[0] == 3  # one pass: ceil(24 / 8) batches
     assert "ignoring unreadable feature cache" in caplog.text
     torch.testing.assert_close(again[1], feats[1])
     assert cached_features(vit, dataset, cache_dir=cache)[1] == "hit"

@@ -25,7 +25,9 @@ from vitlens.analysis.rollout import (
 )
 from vitlens.capture import attention_capture, resolve_layers
 from vitlens.data import iterate_batches
+from vitlens.device import resolve_batch_size
 from vitlens.errors import UsageError, VitlensError
+from vitlens.log import logger
 
 if TYPE_CHECKING:
     from vitlens.data import Batch, ImageDataset
@@ -33,6 +35,12 @@ if TYPE_CHECKING:
     from vitlens.models.vit import ViT
 
 Progress = Callable[[int, int], None]  # progress(done_images, total_images), called after every batch
+
+# The explicit attention path materialises one layer's [B, heads, N, N] map (and softmax's input beside it). At
+# 224 px that is small (ViT-B/16, batch 64: 114 MiB), but it grows with N^2: ViT-S/14 at 518 px (N = 1370) needs
+# 43 MiB per image and layer, so batch 64 would hold 2.8 GiB twice. Batches are cut so that one map stays under
+# this; results do not depend on the batch size.
+ATTENTION_BUDGET_BYTES = 256 * 2**20
 
 
 class LayerAccumulator(Protocol):
@@ -52,11 +60,12 @@ def stream_attention(
     dataset: ImageDataset,
     accumulator: LayerAccumulator,
     *,
-    batch_size: int,
+    batch_size: int | None = None,
     layers: Sequence[int] | None = None,
     on_batch: Callable[[Batch], None] | None = None,
     progress: Progress | None = None,
     num_workers: int = 0,
+    attention_budget_bytes: int = ATTENTION_BUDGET_BYTES,
 ) -> int:
     """Run ``vit`` over ``dataset`` and feed every chosen layer's attention to ``accumulator.update`` at once.
 
@@ -65,13 +74,16 @@ def stream_attention(
         dataset: images preprocessed for ``vit`` (:func:`vitlens.data.open_dataset` with ``vit.preprocess``).
         accumulator: receives ``update(layer, attn)`` for each chosen layer of each batch, in depth order. ``attn``
             is valid only during the call: reduce it, never keep it.
-        batch_size: images per forward pass.
+        batch_size: images per forward pass at most; None for the device's default
+            (:func:`vitlens.device.default_batch_size`).
         layers: 0-based layers to capture (negative from the end); all when None. Uncaptured layers keep their
             fused attention kernel.
         on_batch: called with the :class:`~vitlens.data.Batch` after its forward pass (e.g. to read and reset a
             per-batch accumulator).
         progress: called as ``progress(done, total)`` before the first batch and after every batch.
         num_workers: DataLoader worker processes.
+        attention_budget_bytes: ``batch_size`` is lowered (with one info line) where one layer's attention map
+            would be larger than this (see :func:`capped_batch_size`).
 
     Returns:
         The number of images that went through the model (unreadable ones are skipped with one warning).
@@ -81,12 +93,16 @@ def stream_attention(
     if progress is not None:
         progress(0, total)
     dtype = next(vit.model.parameters()).dtype
+    batch_size = resolve_batch_size(batch_size, vit.device)
+    batch_size = capped_batch_size(vit, batch_size, dtype=dtype, budget_bytes=attention_budget_bytes)
     # NaN/inf attention (NaN weights, fp16 overflow) would give NaN results; the flags stay on the device, so
-    # checking costs no synchronisation per layer, only one at the end.
+    # checking costs no synchronisation per layer, only one at the end. The check reads the map's sum, which is
+    # NaN or inf exactly when an entry is (softmax weights lie in [0, 1], so the sum cannot overflow float32):
+    # one reduction instead of isfinite's several passes and a boolean map.
     non_finite: dict[int, torch.Tensor] = {}
 
     def update(layer: int, attn: torch.Tensor) -> None:
-        bad = ~torch.isfinite(attn).all()
+        bad = ~torch.isfinite(attn.sum(dtype=torch.promote_types(attn.dtype, torch.float32)))
         non_finite[layer] = bad if layer not in non_finite else non_finite[layer] | bad
         accumulator.update(layer, attn)
 
@@ -112,11 +128,29 @@ def stream_attention(
     return seen
 
 
+def capped_batch_size(
+    vit: ViT, batch_size: int, *, dtype: torch.dtype, budget_bytes: int = ATTENTION_BUDGET_BYTES
+) -> int:
+    """``batch_size``, lowered where needed so that one layer's ``[B, heads, N, N]`` attention fits ``budget_bytes``.
+
+    Never below 1: a single image whose map is over the budget still runs.
+    """
+    per_image = vit.num_heads * vit.layout.num_tokens**2 * dtype.itemsize
+    fits = max(1, budget_bytes // per_image)
+    if batch_size > fits:
+        logger.info(
+            f"batch size {batch_size} -> {fits}: one layer's attention map is {per_image / 2**20:.1f} MiB per image "
+            f"({vit.layout.num_tokens} tokens), kept under {budget_bytes / 2**20:.0f} MiB per batch"
+        )
+        return fits
+    return batch_size
+
+
 def mean_attention_distance_for(
     vit: ViT,
     dataset: ImageDataset,
     *,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     renormalize: bool = True,
     progress: Progress | None = None,
     num_workers: int = 0,
@@ -153,7 +187,7 @@ def rollout_for(
     vit: ViT,
     dataset: ImageDataset,
     *,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     head_fusion: HeadFusion = "mean",
     discard_ratio: float = 0.0,
     start_layer: int = 0,
@@ -231,7 +265,7 @@ def head_attention_for(
     *,
     layer: int,
     target: RolloutTarget | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     progress: Progress | None = None,
     num_workers: int = 0,
 ) -> np.ndarray:

@@ -223,6 +223,22 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self._keys)
 
+    def file_stamps(self) -> list[tuple[int, int] | None]:
+        """``(size, mtime_ns)`` of each item's file, or None for items that are not files (in-memory datasets) or
+        cannot be stat'ed: what a cache keyed on this dataset checks to notice an image edited in place."""
+        stamps: list[tuple[int, int] | None] = []
+        for key in self._keys:
+            if isinstance(key, (str, os.PathLike)):
+                try:
+                    st = os.stat(key)
+                except OSError:
+                    stamps.append(None)
+                    continue
+                stamps.append((st.st_size, st.st_mtime_ns))
+            else:
+                stamps.append(None)
+        return stamps
+
     def __repr__(self) -> str:
         kind = f"{len(self.classes)} classes" if self.classes is not None else "unlabelled"
         return f"ImageDataset({self.spec!r}, {len(self)} images, {kind})"

@@ -1,4 +1,8 @@
-"""Device choice: ``auto`` picks CUDA, then MPS, then CPU; explicit choices are checked before any work starts."""
+"""Device choice: ``auto`` picks CUDA, then MPS, then CPU; explicit choices are checked before any work starts.
+
+Also the default batch size per device: the analyses are forward passes, and their best batch size depends on the
+device far more than on the model.
+"""
 
 from __future__ import annotations
 
@@ -40,3 +44,24 @@ def resolve_device(spec: str = "auto") -> torch.device:
     if spec == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
         raise VitlensError("device 'mps' was requested but MPS is not available on this machine")
     return torch.device(spec)
+
+
+CPU_BATCH_SIZE = 8
+"""Default images per forward pass on the CPU. On the CPU the per-layer working set (activations, and for the
+attention analyses the ``[B, heads, N, N]`` map) must stay near the cache to be fast: at 224 px ViT-S/16 and
+ViT-B/16 ran 10-15 % faster at batch 8 than at 32, for the plain forward and the attention analyses alike, with
+a third of the memory (docs/benchmarks.md)."""
+
+ACCELERATOR_BATCH_SIZE = 64
+"""Default images per forward pass on CUDA and MPS, where larger batches keep the device busy; the attention
+analyses still lower it to their memory budget (:func:`vitlens.attention.capped_batch_size`)."""
+
+
+def default_batch_size(device: torch.device) -> int:
+    """The batch size the analyses use on ``device`` when none is given (see :data:`CPU_BATCH_SIZE`)."""
+    return CPU_BATCH_SIZE if device.type == "cpu" else ACCELERATOR_BATCH_SIZE
+
+
+def resolve_batch_size(batch_size: int | None, device: torch.device) -> int:
+    """``batch_size``, or the device's default when None (range checks happen where batches are cut)."""
+    return default_batch_size(device) if batch_size is None else batch_size

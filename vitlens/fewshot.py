@@ -25,6 +25,7 @@ from einops import rearrange
 from vitlens.analysis._common import f64_device
 from vitlens.capture import resolve_layers
 from vitlens.data import iterate_batches
+from vitlens.device import resolve_batch_size
 from vitlens.errors import UsageError, VitlensError
 from vitlens.log import logger
 
@@ -44,9 +45,10 @@ DEFAULT_SEEDS = 3
 # With standardised features every column has squared norm n, so λ = 1024 shrinks hard at 1-25 shots: chosen for
 # wide (D = 768-1024) pre-trained representations; narrow models are better served by --l2 auto.
 DEFAULT_L2 = 2.0**10
-# --l2 auto searches powers of two from 1/4 to 65536: a decade below the smallest useful shrinkage at a few shots up
-# to where the probe predicts almost only the class means.
-AUTO_L2_GRID: tuple[float, ...] = tuple(2.0**k for k in range(-2, 17))
+# --l2 auto searches powers of two from 2^-10 (almost no shrinkage: narrow or weak features at 10-25 shots chose the
+# grid's bottom when it was 2^-2, and gained 2 points below it) up to 2^16, where the probe predicts almost only
+# the class means.
+AUTO_L2_GRID: tuple[float, ...] = tuple(2.0**k for k in range(-10, 17))
 # The bias is a constant feature rather than an intercept, so primal and dual are the same formula. At 100 against
 # unit-variance features its weight costs λ / 100² per unit of bias: practically unregularised, as an intercept is.
 BIAS_FEATURE = 100.0
@@ -107,7 +109,7 @@ def extract_features(
     *,
     layers: Sequence[int] | None = None,
     feature: FeatureKind = "pre-logits",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     progress: Progress | None = None,
     num_workers: int = 0,
 ) -> dict[int, torch.Tensor]:
@@ -120,7 +122,7 @@ def extract_features(
         feature: ``pre-logits`` (what the head sees), ``cls`` (the class token after the block) or ``gap`` (the mean
             of the patch tokens after the block). ``cls`` and ``gap`` read the block's raw output (the residual
             stream, before the final norm): the probe standardises every feature anyway.
-        batch_size: images per forward pass.
+        batch_size: images per forward pass; None for the device's default (:func:`vitlens.device.default_batch_size`).
         progress: called as ``progress(done, total)`` before the first batch and after every batch.
         num_workers: DataLoader worker processes.
 
@@ -148,6 +150,7 @@ def extract_features(
     if progress is not None:
         progress(0, n)
     dtype = next(vit.model.parameters()).dtype
+    batch_size = resolve_batch_size(batch_size, vit.device)
     with torch.inference_mode(), block_outputs(vit, [] if feature == "pre-logits" else chosen, keep):
         for batch in iterate_batches(dataset, batch_size=batch_size, num_workers=num_workers, device=vit.device):
             tokens = vit.features(batch.images.to(dtype))  # [B, N, D]
@@ -182,7 +185,7 @@ def feature_cache_key(vit: ViT, dataset: ImageDataset, *, layers: Sequence[int],
     """Everything the cached features depend on, JSON-ready; the cache file name is a hash of it.
 
     ``dataset.spec`` carries the split and the ``num_images`` subset; the names and labels catch files added to,
-    removed from or renamed in a folder. An image edited in place under the same name is not detected.
+    removed from or renamed in a folder, and each file's size and modification time an image edited in place.
     """
     from vitlens import __version__
 
@@ -191,8 +194,10 @@ def feature_cache_key(vit: ViT, dataset: ImageDataset, *, layers: Sequence[int],
         listing.update(name.encode("utf-8", "surrogateescape") + b"\0")
     if dataset.labels is not None:
         listing.update(np.ascontiguousarray(dataset.labels, dtype=np.int64).tobytes())
+    for stamp in dataset.file_stamps():
+        listing.update(b"-\0" if stamp is None else f"{stamp[0]}:{stamp[1]}\0".encode())
     return {
-        "format": 1,
+        "format": 2,
         "vitlens": __version__,
         "model": vit.identity,
         "arch": vit.arch,
@@ -263,7 +268,7 @@ def cached_features(
     *,
     layers: Sequence[int] | None = None,
     feature: FeatureKind = "pre-logits",
-    batch_size: int = 64,
+    batch_size: int | None = None,
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
     progress: Progress | None = None,

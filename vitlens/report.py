@@ -116,7 +116,7 @@ class _Run:
     shots: tuple[int, ...]
     seeds: int
     l2: float | str
-    batch_size: int
+    batch_size: int | None
     data_root: Path | None
     download: bool
     cache_dir: Path | None
@@ -152,7 +152,7 @@ def build_report(
     shots: Sequence[int] = DEFAULT_SHOTS,
     seeds: int = DEFAULT_SEEDS,
     l2: float | str = DEFAULT_L2,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     data_root: str | Path | None = None,
     download: bool = False,
     cache_dir: str | Path | None = None,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from einops import einsum, rearrange
+from einops import rearrange
 
 from vitlens.analysis._common import as_f64, check_attention, compute_dtype, f64_device, to_numpy
 from vitlens.errors import UsageError, VitlensError
@@ -69,8 +69,34 @@ def uniform_attention_distance_px(layout: TokenLayout) -> float:
     return float(patch_distances_px(layout).mean())
 
 
+def key_distances_px(
+    layout: TokenLayout, *, device: torch.device | str | None = None, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """Distance in pixels from every patch query to every key token, ``[HW, N]``, 0 in the prefix tokens' columns.
+
+    Multiplying a patch query's whole attention row by this row gives its patch-to-patch distance sum without
+    slicing the keys, so the reduction reads the contiguous rows in place instead of copying a strided block.
+    """
+    dist = torch.zeros(layout.num_patches, layout.num_tokens, dtype=dtype, device=device)  # [HW, N]
+    dist[:, layout.patch_slice] = patch_distances_px(layout, device=device, dtype=dtype)
+    return dist
+
+
+CPU_CHUNK_BYTES = 4 * 2**20
+"""On the CPU the per-image reduction walks the ``[B * heads]`` query blocks in chunks of about this many bytes,
+through one reused buffer: the whole-batch product would be a fresh tensor as large as the map (45 MiB per image
+at 518 px), whose page faults and cache misses cost more than the arithmetic (35 -> 6 ms per layer and image at
+518 px, 6.7 -> 4.5 ms per layer for a batch of 32 at 224 px; docs/benchmarks.md). Other devices take the batch
+whole."""
+
+
 def attention_distance_per_image(
-    attn: torch.Tensor, layout: TokenLayout, *, renormalize: bool = True
+    attn: torch.Tensor,
+    layout: TokenLayout,
+    *,
+    renormalize: bool = True,
+    key_distances: torch.Tensor | None = None,
+    chunk_bytes: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image mean attention distance and prefix mass of one layer, on the attention's device.
 
@@ -80,6 +106,10 @@ def attention_distance_per_image(
         renormalize: rescale each patch query's weights on patch keys to sum to 1 before averaging distances (see
             :class:`AttentionDistanceAccumulator` for why this is the default). A query with no weight on any patch
             contributes distance 0.
+        key_distances: :func:`key_distances_px` on the attention's device in the compute dtype, when the caller
+            keeps one (it is built here otherwise).
+        chunk_bytes: bytes of attention reduced per step; None for :data:`CPU_CHUNK_BYTES` on the CPU and the whole
+            batch elsewhere. The result does not depend on it.
 
     Returns:
         ``(distance_px, prefix_mass)``, each ``[B, heads]``: distance averaged over patch queries, and the weight
@@ -88,15 +118,29 @@ def attention_distance_per_image(
     """
     check_attention(attn, layout)
     dtype = compute_dtype(attn.dtype, attn.device)
-    rows = attn.detach()[:, :, layout.patch_slice]  # [B, heads, HW, N]: patch queries only
-    to_patches = rows[..., layout.patch_slice].to(dtype)  # [B, heads, HW, HW]
-    to_prefix = rows[..., layout.prefix_slice].to(dtype)  # [B, heads, HW, P]
-    dist = patch_distances_px(layout, device=attn.device, dtype=dtype)  # [HW, HW]
-
-    per_query = einsum(to_patches, dist, "b heads i j, i j -> b heads i")  # [B, heads, HW]
+    if key_distances is None:
+        key_distances = key_distances_px(layout, device=attn.device, dtype=dtype)  # [HW, N]
+    b, heads, n, _ = attn.shape
+    hw = layout.num_patches
+    rows = attn.detach()[:, :, layout.patch_slice].reshape(b * heads, hw, n)  # [B*heads, HW, N]: a view
+    if chunk_bytes is None:
+        chunk_bytes = CPU_CHUNK_BYTES if attn.device.type == "cpu" else rows.numel() * rows.element_size()
+    step = max(1, chunk_bytes // max(1, hw * n * torch.finfo(dtype).bits // 8))
+    per_query = torch.empty(b * heads, hw, dtype=dtype, device=attn.device)  # [B*heads, HW] distance sums
+    to_patches = torch.empty_like(per_query)  # [B*heads, HW] weight on patch keys
+    to_prefix = torch.empty_like(per_query)  # [B*heads, HW] weight on prefix keys
+    buffer = torch.empty(min(step, b * heads), hw, n, dtype=dtype, device=attn.device)  # reused product
+    for start in range(0, b * heads, step):
+        block = rows[start : start + step].to(dtype)  # [c, HW, N]; a view unless upcast
+        product = buffer[: block.shape[0]]
+        torch.mul(block, key_distances, out=product)  # prefix keys weigh 0
+        torch.sum(product, dim=-1, out=per_query[start : start + step])
+        torch.sum(block[..., layout.patch_slice], dim=-1, out=to_patches[start : start + step])
+        torch.sum(block[..., layout.prefix_slice], dim=-1, out=to_prefix[start : start + step])
     if renormalize:
-        per_query = per_query / to_patches.sum(-1).clamp_min(torch.finfo(dtype).tiny)
-    return per_query.mean(-1), to_prefix.sum(-1).mean(-1)
+        per_query = per_query / to_patches.clamp_min(torch.finfo(dtype).tiny)
+    distance = per_query.mean(-1).view(b, heads)
+    return distance, to_prefix.mean(-1).view(b, heads)
 
 
 class AttentionDistanceAccumulator:
@@ -121,6 +165,7 @@ class AttentionDistanceAccumulator:
         self.num_heads = num_heads
         self.renormalize = renormalize
         self._state: dict[str, torch.Tensor] | None = None  # created on the first update's device
+        self._key_distances: torch.Tensor | None = None  # [HW, N] on the attention's device and compute dtype
 
     def _init_state(self, device: torch.device) -> dict[str, torch.Tensor]:
         shape = (self.depth, self.num_heads)
@@ -138,7 +183,13 @@ class AttentionDistanceAccumulator:
             raise VitlensError(f"layer {layer} is outside the {self.depth} layers (0-based) this accumulator expects")
         if attn.ndim == 4 and attn.shape[1] != self.num_heads:
             raise VitlensError(f"layer {layer} has {attn.shape[1]} heads, expected {self.num_heads}")
-        distance, prefix_mass = attention_distance_per_image(attn, self.layout, renormalize=self.renormalize)
+        dtype = compute_dtype(attn.dtype, attn.device)
+        dist = self._key_distances
+        if dist is None or dist.device != attn.device or dist.dtype != dtype:
+            dist = self._key_distances = key_distances_px(self.layout, device=attn.device, dtype=dtype)
+        distance, prefix_mass = attention_distance_per_image(
+            attn, self.layout, renormalize=self.renormalize, key_distances=dist
+        )
         if self._state is None:
             self._state = self._init_state(attn.device)
         state = self._state

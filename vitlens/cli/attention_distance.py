@@ -31,6 +31,7 @@ from vitlens.cli.options import (
     check_format,
     check_num_images,
 )
+from vitlens.device import resolve_batch_size
 
 if TYPE_CHECKING:
     from vitlens.analysis.attention_distance import AttentionDistance
@@ -63,7 +64,7 @@ def attention_distance(
     num_images: NumImagesOpt = PAPER_NUM_IMAGES,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
-    batch_size: BatchSizeOpt = 64,
+    batch_size: BatchSizeOpt = None,
     renormalize: RenormalizeOpt = True,
     out: OutOpt = Path("vitlens-out"),
     fmt: FormatOpt = "png",
@@ -82,6 +83,7 @@ def attention_distance(
     check_num_images(num_images)
     fmt = check_format(fmt)
     vit = ModelOptions(model, arch, num_heads, model_kwargs, img_size, device, pretrained).load()
+    batch_size = resolve_batch_size(batch_size, vit.device)
     dataset = open_dataset(
         data, vit.preprocess, split=split, num_images=num_images, data_root=data_root, download=download
     )

@@ -32,6 +32,7 @@ from vitlens.cli.options import (
     check_format,
     check_num_images,
 )
+from vitlens.device import resolve_batch_size
 from vitlens.errors import UsageError, VitlensError
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ L2Opt = Annotated[
     typer.Option(
         "--l2",
         help="Ridge penalty λ (> 0), or 'auto': chosen per shots and layer by leave-one-out on the training shots "
-        "over 2^-2..2^16 (never on the test set).",
+        "over 2^-10..2^16 (never on the test set).",
         rich_help_panel=FEWSHOT_PANEL,
     ),
 ]
@@ -123,7 +124,7 @@ def fewshot(
     num_images: NumImagesOpt = None,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
-    batch_size: BatchSizeOpt = 64,
+    batch_size: BatchSizeOpt = None,
     shots: ShotsOpt = DEFAULT_SHOTS,
     seeds: SeedsOpt = DEFAULT_SEEDS,
     l2: L2Opt = DEFAULT_L2,
@@ -160,6 +161,7 @@ def fewshot(
     feature_arg = check_feature(feature)
 
     vit = ModelOptions(model, arch, num_heads, model_kwargs, img_size, device, pretrained).load()
+    batch_size = resolve_batch_size(batch_size, vit.device)
     layers, all_layers = parse_layers(layer, vit.depth)
     kind = feature_arg or ("pre-logits" if layers is None else "cls" if vit.layout.has_class_token else "gap")
     layers = resolve_feature_layers(vit, layers, kind)  # fails now on cls without a class token

@@ -64,11 +64,12 @@ PretrainedOpt = Annotated[
     ),
 ]
 BatchSizeOpt = Annotated[
-    int,
+    int | None,
     typer.Option(
         "--batch-size",
         min=1,
-        help="Images per forward pass.",
+        show_default=False,
+        help="Images per forward pass (default: 8 on the CPU, where it runs fastest; 64 on CUDA and MPS).",
         rich_help_panel=DATA_PANEL,
     ),
 ]

@@ -30,6 +30,7 @@ from vitlens.cli.options import (
     SplitOpt,
     check_num_images,
 )
+from vitlens.device import resolve_batch_size
 from vitlens.errors import UsageError
 
 if TYPE_CHECKING:
@@ -77,7 +78,7 @@ def report(
     num_images: ReportNumImagesOpt = 128,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
-    batch_size: BatchSizeOpt = 64,
+    batch_size: BatchSizeOpt = None,
     sections: SectionsOpt = None,
     rollout_images: RolloutImagesOpt = 6,
     shots: ShotsOpt = "1,5,10",
@@ -103,6 +104,7 @@ def report(
         raise UsageError(f"--seeds must be at least 1, not {seeds}")
     l2_value = parse_l2(l2)
     vit = ModelOptions(model, arch, num_heads, model_kwargs, img_size, device, pretrained).load()
+    batch_size = resolve_batch_size(batch_size, vit.device)
 
     console = err_console()
     progress = None

@@ -31,6 +31,7 @@ from vitlens.cli.options import (
     check_format,
     check_num_images,
 )
+from vitlens.device import resolve_batch_size
 from vitlens.errors import UsageError
 from vitlens.outputs import rollout_settings, unique_stems
 
@@ -115,7 +116,7 @@ def rollout(
     num_images: NumImagesOpt = None,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
-    batch_size: BatchSizeOpt = 64,
+    batch_size: BatchSizeOpt = None,
     head_fusion: HeadFusionOpt = "mean",
     discard_ratio: DiscardRatioOpt = 0.0,
     start_layer: StartLayerOpt = 0,
@@ -158,6 +159,7 @@ def rollout(
         raise UsageError("no images: pass IMAGE files (or a folder), or --data SPEC [--num-images N]")
 
     vit = ModelOptions(model, arch, num_heads, model_kwargs, img_size, device, pretrained).load()
+    batch_size = resolve_batch_size(batch_size, vit.device)
     defaulted = target is None
     target = default_target(vit.layout) if target is None else target
     resolve_target(target, vit.layout)

@@ -1,0 +1,93 @@
+"""The benchmark runner keeps working: every case kind runs on a tiny model and the report renders.
+
+Nothing here asserts a time or a memory figure (those live in ``benchmarks/results``); the checks are that each
+method ran on every image and that the tables and target verdicts come out of real measurements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from benchmarks import __main__ as runner
+from benchmarks import cases
+
+TINY = {"model": "vit_tiny_patch16_224", "img_size": 32, "batch_size": 2, "device": "cpu", "threads": None}
+
+
+@pytest.fixture(scope="module")
+def report():
+    at4 = [f"{m}@4" for m in runner.BATCH_METHODS]
+    speed = cases.speed(
+        {**TINY, "kind": "speed", "num_images": 4, "rounds": 1, "methods": [*runner.SPEED_METHODS, *at4]}
+    )
+    mem = {m: cases.memory({**TINY, "kind": "memory", "method": m, "num_images": 4}) for m in runner.MEMORY_METHODS}
+    mem |= {
+        f"{m}@4": cases.memory({**TINY, "kind": "memory", "method": m, "num_images": 4, "batch_size": 4})
+        for m in runner.BATCH_METHODS
+    }
+    scaling = [
+        mem["attention-distance"],
+        cases.memory({**TINY, "kind": "memory", "method": "attention-distance", "num_images": 6}),
+    ]
+    hires = {
+        m: cases.memory({**TINY, "kind": "memory", "method": m, "num_images": 4, "img_size": 48, "rss_cap_mib": 1.0})
+        for m in runner.MEMORY_METHODS
+    }
+    fewshot = cases.fewshot({"kind": "fewshot", "device": "cpu", "repeats": 1})
+    results = {
+        "models": {TINY["model"]: {"speed": speed, "memory": mem, "scaling": scaling}},
+        "hires": hires,
+        "fewshot": fewshot,
+        "startup": {"help_s": 0.2, "import_analysis_s": 2.0, "python_startup_s": 0.03},
+    }
+    settings = dataclasses.replace(runner.QUICK, device="cpu", rss_cap_mib=1.0, batch_size=2, compare_batch_sizes=(4,))
+    out = {"quick": True, "machine": runner.machine("cpu"), "settings": dataclasses.asdict(settings)}
+    out |= {"results": results, "ratios": runner.ratios(results), "total_s": 1.0}
+    return out
+
+
+def test_every_method_ran_on_every_image(report):
+    speed = report["results"]["models"][TINY["model"]]["speed"]
+    assert set(speed["images_per_s"]) == set(runner.SPEED_METHODS) | {f"{m}@4" for m in runner.BATCH_METHODS}
+    assert all(len(t) == 1 and t[0] > 0 for t in speed["all_seconds"].values())
+    hires = report["results"]["hires"]
+    # The 1 MiB cap stops keep-every-map after its first batch; the streaming methods never stop.
+    assert hires["keep-every-map"]["stopped_after_images"] == 2
+    assert all("stopped_after_images" not in hires[m] for m in ("plain-forward", "attention-distance", "rollout"))
+    assert hires["attention-distance"]["num_tokens"] == (48 // 16) ** 2 + 1
+
+
+def test_report_renders_every_table_and_target(report):
+    md = runner.markdown(report)
+    for needle in (
+        "| unfused-forward |",
+        "| rollout-one-at-a-time |",
+        "attention-distance, scaling:",
+        "stopped at the 0.0 GiB cap after 2 images",
+        "LogisticRegression on the same shots",
+        "| ≥ 3× less memory than keep-every-map (first model) |",
+        "| timm's explicit attention path (the floor of any map capture) × plain |",
+        "| method | images/s @2 | images/s @4 | memory @2 | memory @4 |",
+        "| at batch 4: attention-distance memory × plain |",
+    ):
+        assert needle in md, needle
+    # One verdict per target that has a value for the model, and the model-free ones under "all".
+    ratios = report["ratios"]
+    assert set(ratios) == {TINY["model"], "all"}
+    assert {"attention_distance_vs_plain@4", "keep_every_map_vs_streaming", "memory_growth_in_images"} <= set(
+        ratios[TINY["model"]]
+    )
+    assert md.count("✅") + md.count("❌") == sum(key in r for key, *_ in runner.TARGETS for r in ratios.values())
+    acc = report["results"]["fewshot"]["accuracy"]
+    assert acc["ridge"][-1]["mean"] > 0.5  # the demo model's features separate the digits: far above chance
+
+
+def test_half_precision_case_runs_every_method():
+    # On CUDA the runner adds bfloat16/float16 entries; the case casts the weights and every method follows them.
+    methods = ["plain-forward", "attention-distance", "rollout", "features"]
+    speed = cases.speed(
+        {**TINY, "kind": "speed", "num_images": 2, "rounds": 1, "methods": methods, "dtype": "bfloat16"}
+    )
+    assert set(speed["images_per_s"]) == set(methods) and all(v > 0 for v in speed["images_per_s"].values())
