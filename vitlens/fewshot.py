@@ -520,6 +520,13 @@ class FewShotResult:
         }
 
 
+def _labels_numpy(labels: np.ndarray | torch.Tensor) -> np.ndarray:
+    """``labels`` as a CPU int64 array, from numpy or from a tensor on any device."""
+    if isinstance(labels, torch.Tensor):
+        return labels.detach().cpu().numpy().astype(np.int64, copy=False)
+    return np.asarray(labels, dtype=np.int64)
+
+
 def _as_layers(feats: torch.Tensor | Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
     if isinstance(feats, torch.Tensor):
         return {-1: feats}
@@ -584,8 +591,8 @@ def fewshot_lsr(
     train, test = _as_layers(train_feats), _as_layers(test_feats)
     if list(train) != list(test):
         raise UsageError(f"train and test features have different layers: {list(train)} vs {list(test)}")
-    y_pool = np.asarray(torch.as_tensor(train_labels).cpu(), dtype=np.int64)  # [N]
-    y_test = torch.as_tensor(np.asarray(torch.as_tensor(test_labels).cpu(), dtype=np.int64))  # [M]
+    y_pool = _labels_numpy(train_labels)  # [N]
+    y_test = torch.from_numpy(_labels_numpy(test_labels))  # [M], moved to the solve's device where it is used
     K = int(num_classes) if num_classes is not None else int(max(y_pool.max(initial=0), y_test.max().item()) + 1)
     layers = list(train)
     x_pool = [train[la].detach() for la in layers]  # L x [N, D]
@@ -611,12 +618,13 @@ def fewshot_lsr(
     probes: list[tuple[torch.Tensor, torch.Tensor]] = []  # per shots count: weights [L, S, D, K], bias [L, S, K]
     grid = torch.tensor(AUTO_L2_GRID if l2_auto else [float(l2)], dtype=torch.float64, device=target)
     for i, k in enumerate(shots):
-        idx = torch.as_tensor(np.stack([shot_indices(y_pool, shots=k, seed=s, num_classes=K) for s in range(S)]))
+        idx = np.stack([shot_indices(y_pool, shots=k, seed=s, num_classes=K) for s in range(S)])
         # [S, n]: n = sum_c min(k, n_c) is the same for every seed, so the seeds stack without padding.
-        x = torch.stack([f[idx] for f in x_pool]).to(target, torch.float64)  # [L, S, n, D]
+        x = torch.stack([f[torch.as_tensor(idx, device=f.device)] for f in x_pool]).to(target, torch.float64)
+        # x: [L, S, n, D]
         mean, std = shot_statistics(x)  # [L, S, D] each: the training shots only
         x = standardize_and_augment(x, mean, std).flatten(0, 1)  # [L*S, n, D+1]
-        labels = torch.as_tensor(y_pool[idx.numpy()], device=target)  # [S, n]
+        labels = torch.as_tensor(y_pool[idx], device=target)  # [S, n]
         y = 2.0 * torch.nn.functional.one_hot(labels, K).to(torch.float64) - 1.0  # [S, n, K] in {-1, 1}
         y = y.repeat(L, 1, 1)  # [L*S, n, K], layer-major like x
         eig = RidgeEigen.fit(x, y)

@@ -74,8 +74,12 @@ def position_similarity(pos_embed: torch.Tensor, layout: TokenLayout) -> Positio
     cos = unit @ unit.T  # [HW, HW]
 
     # Integer grid coordinates of each patch in row-major order, and rounded Euclidean distances between them.
-    rr, cc = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    coords = rearrange(torch.stack([rr, cc], dim=-1), "h w two -> (h w) two").to(cos.device, torch.float64)
+    rr, cc = torch.meshgrid(
+        torch.arange(h, device=cos.device, dtype=torch.float64),
+        torch.arange(w, device=cos.device, dtype=torch.float64),
+        indexing="ij",
+    )
+    coords = rearrange(torch.stack([rr, cc], dim=-1), "h w two -> (h w) two")  # [HW, 2]
     dist = torch.cdist(coords, coords).round().long()  # [HW, HW]
     same_line = (coords[:, None, 0] == coords[None, :, 0]) | (coords[:, None, 1] == coords[None, :, 1])  # [HW, HW]
     off_diag = ~torch.eye(h * w, dtype=torch.bool, device=cos.device)
