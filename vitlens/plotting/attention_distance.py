@@ -68,19 +68,8 @@ def plot_attention_distance(result: AttentionDistance, *, ax: Axes | None = None
             zorder=3,
         )
     uniform = float(result.uniform_px)
-    ax.axhline(uniform, color="0.35", linestyle="--", linewidth=1.0, zorder=1, label="uniform attention")
-    ax.annotate(
-        "uniform attention (fully global)",
-        xy=(1.0, uniform),
-        xycoords=("axes fraction", "data"),
-        xytext=(-2, 3),
-        textcoords="offset points",
-        ha="right",
-        va="bottom",
-        fontsize=7,
-        color="0.35",
-        bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8},
-        zorder=4,
+    ax.axhline(
+        uniform, color="0.35", linestyle="--", linewidth=1.0, zorder=1, label="uniform attention\n(fully global)"
     )
     top = max(uniform, float(np.nanmax(distance)) if distance.size else 0.0)
     ax.set_ylim(0, top * 1.15 if top > 0 else 1.0)
@@ -96,16 +85,30 @@ def plot_attention_distance(result: AttentionDistance, *, ax: Axes | None = None
     ax.set_title(f"Mean attention distance · {result.num_images} images, {renorm}", loc="left")
     if num_heads <= _MAX_LEGEND_HEADS:
         handles, labels = ax.get_legend_handles_labels()
-        heads_only = [(hd, lb) for hd, lb in zip(handles, labels, strict=True) if lb.startswith("head")]
+        # The heads, then the dashed line: in the legend its label can never hide a point.
         ax.legend(
-            *zip(*heads_only, strict=True),
+            handles,
+            labels,
             loc="upper left",
             bbox_to_anchor=(1.01, 1.0),
             frameon=False,
             handletextpad=0.2,
             borderaxespad=0.0,
         )
-    else:
+    else:  # too many heads for a legend: a colour bar, and the line labelled in place, under the points
+        ax.annotate(
+            "uniform attention (fully global)",
+            xy=(1.0, uniform),
+            xycoords=("axes fraction", "data"),
+            xytext=(-2, 3),
+            textcoords="offset points",
+            ha="right",
+            va="bottom",
+            fontsize=7,
+            color="0.35",
+            bbox={"boxstyle": "square,pad=0.1", "facecolor": "white", "edgecolor": "none", "alpha": 0.8},
+            zorder=2,  # over the line, under the points: the label never hides a head
+        )
         from matplotlib.cm import ScalarMappable
 
         cmap = ListedColormap(colours)
