@@ -186,6 +186,16 @@ def test_batches_are_cut_to_the_attention_budget(caplog):
     np.testing.assert_allclose(capped.result().distance_px, whole.distance_px, rtol=1e-9, atol=1e-6)
 
 
+def test_the_default_budget_depends_on_the_device():
+    assert driver.default_attention_budget(torch.device("cpu")) == 64 * 2**20
+    assert driver.default_attention_budget(torch.device("cuda", 1)) == 256 * 2**20
+    assert driver.default_attention_budget(torch.device("mps")) == 256 * 2**20
+    vit = _vit("reg")  # on the CPU
+    per_image = vit.num_heads * vit.layout.num_tokens**2 * 4
+    expected = min(10**9, 64 * 2**20 // per_image)
+    assert driver.capped_batch_size(vit, 10**9, dtype=torch.float32) == expected
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_attention_is_one_error(bad):
     vit = _vit("reg")

@@ -38,9 +38,21 @@ Progress = Callable[[int, int], None]  # progress(done_images, total_images), ca
 
 # The explicit attention path materialises one layer's [B, heads, N, N] map (and softmax's input beside it). At
 # 224 px that is small (ViT-B/16, batch 64: 114 MiB), but it grows with N^2: ViT-S/14 at 518 px (N = 1370) needs
-# 43 MiB per image and layer, so batch 64 would hold 2.8 GiB twice. Batches are cut so that one map stays under
-# this; results do not depend on the batch size.
-ATTENTION_BUDGET_BYTES = 256 * 2**20
+# 43 MiB per image and layer, so batch 64 would hold 2.8 GiB twice. Batches are cut so that one map stays under a
+# budget; results do not depend on the batch size.
+CPU_ATTENTION_BUDGET_BYTES = 64 * 2**20
+"""On the CPU a smaller batch is not slower once one map is past the cache: ViT-S/14 at 518 px, one thread, ran
+0.30 images/s at 256 MiB (batch 5), 0.36 at 128 MiB (batch 2) and 0.35 at 64 MiB (batch 1), with a peak of 632,
+345 and 177 MiB (plain forward at batch 8: 0.51 images/s, 401 MiB; docs/benchmarks.md). At 224 px no ViT up to
+ViT-L/16 is cut below the CPU's default batch of 8."""
+ACCELERATOR_ATTENTION_BUDGET_BYTES = 256 * 2**20
+"""On CUDA and MPS larger batches keep the device busy; 256 MiB leaves ViT-L/16 at 224 px its batch of 64 and cuts
+ViT-S/14 at 518 px to 5 (not yet measured on a GPU)."""
+
+
+def default_attention_budget(device: torch.device) -> int:
+    """Bytes one layer's attention map of one batch may take on ``device`` (see :data:`CPU_ATTENTION_BUDGET_BYTES`)."""
+    return CPU_ATTENTION_BUDGET_BYTES if device.type == "cpu" else ACCELERATOR_ATTENTION_BUDGET_BYTES
 
 
 class LayerAccumulator(Protocol):
@@ -65,7 +77,7 @@ def stream_attention(
     on_batch: Callable[[Batch], None] | None = None,
     progress: Progress | None = None,
     num_workers: int = 0,
-    attention_budget_bytes: int = ATTENTION_BUDGET_BYTES,
+    attention_budget_bytes: int | None = None,
 ) -> int:
     """Run ``vit`` over ``dataset`` and feed every chosen layer's attention to ``accumulator.update`` at once.
 
@@ -83,7 +95,8 @@ def stream_attention(
         progress: called as ``progress(done, total)`` before the first batch and after every batch.
         num_workers: DataLoader worker processes.
         attention_budget_bytes: ``batch_size`` is lowered (with one info line) where one layer's attention map
-            would be larger than this (see :func:`capped_batch_size`).
+            would be larger than this (see :func:`capped_batch_size`); None for the device's default
+            (:func:`default_attention_budget`).
 
     Returns:
         The number of images that went through the model (unreadable ones are skipped with one warning).
@@ -128,13 +141,14 @@ def stream_attention(
     return seen
 
 
-def capped_batch_size(
-    vit: ViT, batch_size: int, *, dtype: torch.dtype, budget_bytes: int = ATTENTION_BUDGET_BYTES
-) -> int:
-    """``batch_size``, lowered where needed so that one layer's ``[B, heads, N, N]`` attention fits ``budget_bytes``.
+def capped_batch_size(vit: ViT, batch_size: int, *, dtype: torch.dtype, budget_bytes: int | None = None) -> int:
+    """``batch_size``, lowered where needed so that one layer's ``[B, heads, N, N]`` attention fits ``budget_bytes``
+    (None: :func:`default_attention_budget` for ``vit.device``).
 
     Never below 1: a single image whose map is over the budget still runs.
     """
+    if budget_bytes is None:
+        budget_bytes = default_attention_budget(vit.device)
     per_image = vit.num_heads * vit.layout.num_tokens**2 * dtype.itemsize
     fits = max(1, budget_bytes // per_image)
     if batch_size > fits:
