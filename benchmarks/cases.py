@@ -41,15 +41,16 @@ def _sync(device: torch.device) -> None:
 
 @contextmanager
 def _fused(vit, on: bool):
-    """Every block's ``fused_attn`` set to ``on`` for the block's duration, restored after."""
-    saved = [block.attn.fused_attn for block in vit.model.blocks]
-    for block in vit.model.blocks:
-        block.attn.fused_attn = on
+    """Every attention module's ``fused_attn`` set to ``on`` for the block's duration, restored after."""
+    owners = [site.flag_owner for site in vit.attention_sites()]
+    saved = [owner.fused_attn for owner in owners]
+    for owner in owners:
+        owner.fused_attn = on
     try:
         yield
     finally:
-        for block, flag in zip(vit.model.blocks, saved, strict=True):
-            block.attn.fused_attn = flag
+        for owner, flag in zip(owners, saved, strict=True):
+            owner.fused_attn = flag
 
 
 def _forward(vit, dataset, batch_size: int, *, fused: bool) -> Callable[[], None]:
@@ -121,10 +122,10 @@ def _keep_every_map(vit, dataset, batch_size: int, rss_cap_mib: float | None = N
     def run() -> None:
         maps: dict[int, list[np.ndarray]] = {}  # layer -> [B, heads, N, N] per batch
         handles = [
-            block.attn.attn_drop.register_forward_hook(
-                lambda _m, _i, out, i=i: maps.setdefault(i, []).append(out.float().cpu().numpy())
+            site.softmax_output.register_forward_hook(
+                lambda _m, _i, out, i=site.layer: maps.setdefault(i, []).append(out.float().cpu().numpy())
             )
-            for i, block in enumerate(vit.model.blocks)
+            for site in vit.attention_sites()  # each block's attn_drop, right after the softmax
         ]
         done = 0
         try:
