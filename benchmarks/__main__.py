@@ -1,6 +1,7 @@
 """The benchmark runner: every case in one run (so ratios hold on a noisy machine), one subprocess per case.
 
     python -m benchmarks [--quick] [--device auto|cpu|cuda] [--models vit_small_patch16_224,vit_base_patch16_224]
+                         [--gpu-models vit_large_patch16_224] [--gpu-dtypes bfloat16,float16] [--threads 1]
 
 Writes ``benchmarks/results/latest.json`` (every measurement, the machine, the settings) and ``latest.md`` (the
 tables and the issue-8 targets). Speed comes from one process per model that interleaves every method round by
@@ -146,6 +147,8 @@ def best_wall(cmd: list[str], repeats: int = 5) -> float:
 def machine(device: str) -> dict[str, Any]:
     import torch
 
+    import vitlens
+
     cpu = platform.processor()
     with contextlib.suppress(OSError, StopIteration):
         cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
@@ -160,7 +163,7 @@ def machine(device: str) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "timm": metadata.version("timm"),
-        "vitlens": metadata.version("vitlens"),
+        "vitlens": vitlens.__version__,  # also when run from a checkout that is not installed (a GPU machine)
         "platform": platform.platform(),
         "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -444,7 +447,8 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_settings(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
+    """The run's :class:`Settings` from the command line, the device resolved."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny ViT at 64 px and few images (minutes on a CPU)")
     parser.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
@@ -455,6 +459,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="torch CPU threads per case; 1 on a shared machine, where a descheduled worker thread stalls every op",
     )
+    parser.add_argument(
+        "--gpu-models", default=None, help="comma-separated timm names added on CUDA (default: ViT-L/16; '' for none)"
+    )
+    parser.add_argument(
+        "--gpu-dtypes", default=None, help="comma-separated dtypes run again on CUDA (default: bfloat16,float16)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for latest.json and latest.md")
     args = parser.parse_args(argv)
 
@@ -462,13 +472,21 @@ def main(argv: list[str] | None = None) -> None:
     settings = dataclasses.replace(settings, device=args.device)
     if args.models:
         settings = dataclasses.replace(settings, models=tuple(args.models.split(",")))
+    for flag, field in ((args.gpu_models, "gpu_models"), (args.gpu_dtypes, "gpu_dtypes")):
+        if flag is not None:
+            settings = dataclasses.replace(settings, **{field: tuple(x for x in flag.split(",") if x)})
     from vitlens.device import default_batch_size, resolve_device
 
     device = resolve_device(args.device)
     batch_size = settings.batch_size or default_batch_size(device)
     settings = dataclasses.replace(settings, device=str(device), threads=args.threads, batch_size=batch_size)
+    return settings, args
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings, args = parse_settings(argv)
     started = time.perf_counter()
-    report = {"quick": args.quick, "machine": machine(str(device)), "settings": dataclasses.asdict(settings)}
+    report = {"quick": args.quick, "machine": machine(settings.device), "settings": dataclasses.asdict(settings)}
     report["results"] = measure(settings)
     report["ratios"] = ratios(report["results"])
     report["total_s"] = time.perf_counter() - started

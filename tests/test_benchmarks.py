@@ -91,3 +91,12 @@ def test_half_precision_case_runs_every_method():
         {**TINY, "kind": "speed", "num_images": 2, "rounds": 1, "methods": methods, "dtype": "bfloat16"}
     )
     assert set(speed["images_per_s"]) == set(methods) and all(v > 0 for v in speed["images_per_s"].values())
+
+
+def test_command_line_settings():
+    settings, _ = runner.parse_settings(["--device", "cpu", "--models", "a,b", "--gpu-models", "", "--threads", "1"])
+    assert settings.models == ("a", "b") and settings.gpu_models == () and settings.threads == 1
+    assert settings.device == "cpu" and settings.batch_size == 8  # vitlens's CPU default, resolved
+    assert settings.gpu_dtypes == runner.FULL.gpu_dtypes  # not given: the full run's
+    quick, _ = runner.parse_settings(["--quick", "--device", "cpu", "--gpu-dtypes", "bfloat16"])
+    assert quick.models == runner.QUICK.models and quick.gpu_dtypes == ("bfloat16",)
