@@ -79,6 +79,7 @@ def test_report_renders_every_table_and_target(report):
     assert {"attention_distance_vs_plain@4", "keep_every_map_vs_streaming", "memory_growth_in_images"} <= set(
         ratios[TINY["model"]]
     )
+    assert "attention-distance × plain, median of the per-round ratios" in md
     assert md.count("✅") + md.count("❌") == sum(key in r for key, *_ in runner.TARGETS for r in ratios.values())
     acc = report["results"]["fewshot"]["accuracy"]
     assert acc["ridge"][-1]["mean"] > 0.5  # the demo model's features separate the digits: far above chance
@@ -100,3 +101,10 @@ def test_command_line_settings():
     assert settings.gpu_dtypes == runner.FULL.gpu_dtypes  # not given: the full run's
     quick, _ = runner.parse_settings(["--quick", "--device", "cpu", "--gpu-dtypes", "bfloat16"])
     assert quick.models == runner.QUICK.models and quick.gpu_dtypes == ("bfloat16",)
+
+
+def test_per_round_ratio_cancels_a_slow_round():
+    # Round 2 is slow for both methods alike: its ratio is still 0.5, where best-of-rounds would give 2 / 3.
+    speed = {"all_seconds": {"plain-forward": [2.0, 6.0, 2.0], "rollout": [4.0, 12.0, 3.0]}}
+    assert runner._per_round(speed, "rollout") == 0.5
+    assert min(speed["all_seconds"]["plain-forward"]) / min(speed["all_seconds"]["rollout"]) == 2 / 3
