@@ -90,7 +90,7 @@ def test_mlp_head_dropped_with_warning(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="vitlens"):
         vit = load_vit(tmp_path / "m.pth", num_heads=3, device="cpu")
     assert vit.num_classes == 0
-    assert "not a linear head" in caplog.text
+    assert "not one linear layer" in caplog.text
 
 
 def test_unknown_key_is_an_error(tmp_path):
@@ -217,7 +217,7 @@ def test_legacy_pickle_payload_refused(tmp_path):
     ("make", "message"),
     [
         (lambda p: None, "checkpoint not found"),
-        (lambda p: p.mkdir(), "is a directory"),
+        (lambda p: p.mkdir(), "folder without model weights"),
         (lambda p: p.write_bytes(b""), "is empty"),
         (lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)), "not a readable PyTorch checkpoint"),
     ],

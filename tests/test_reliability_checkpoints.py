@@ -47,7 +47,7 @@ def _truncated_safetensors(path):
 @pytest.mark.parametrize(
     ("name", "make", "needle"),
     [
-        ("ckpt.pth", lambda p: p.mkdir(), "is a directory"),
+        ("ckpt.pth", lambda p: p.mkdir(), "folder without model weights"),
         ("empty.pth", lambda p: p.write_bytes(b""), "is empty (0 bytes)"),
         ("half.safetensors", _truncated_safetensors, "not a readable safetensors file"),
         ("noise.pth", lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)), "not a readable PyTorch"),

@@ -109,17 +109,20 @@ def _to_model_mode(img: Image.Image, in_chans: int) -> Image.Image:
 def _resize_crop(img: Image.Image, preprocess: Preprocess) -> Image.Image:
     """timm's eval geometry: resize to ``img_size / crop_pct``, then centre-crop ``img_size``.
 
-    A square input resizes the shorter side and keeps the aspect ratio; a non-square one resizes to exactly
-    ``floor(H / crop_pct), floor(W / crop_pct)`` (``timm.data.transforms_factory.transforms_imagenet_eval``).
+    With ``crop_mode='center'`` a square input resizes the shorter side and keeps the aspect ratio, and a non-square
+    one resizes to exactly ``floor(H / crop_pct), floor(W / crop_pct)``
+    (``timm.data.transforms_factory.transforms_imagenet_eval``); ``crop_mode='squash'`` always resizes to exactly
+    that size (aspect not kept), as Hugging Face's ``ViTImageProcessor`` does. The 1e-6 lets a ``crop_pct`` read as
+    ``crop / resize`` (e.g. 17 / 25) give back ``resize`` where the float quotient lands just below it.
     """
     H, W = preprocess.img_size
     w, h = img.size
-    if H == W:
-        size = math.floor(H / preprocess.crop_pct)
+    if H == W and preprocess.crop_mode == "center":
+        size = math.floor(H / preprocess.crop_pct + 1e-6)
         # torchvision's Resize(int) rounding: the longer side is truncated, not rounded.
         new_w, new_h = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
     else:
-        new_w, new_h = math.floor(W / preprocess.crop_pct), math.floor(H / preprocess.crop_pct)
+        new_w, new_h = math.floor(W / preprocess.crop_pct + 1e-6), math.floor(H / preprocess.crop_pct + 1e-6)
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), _RESAMPLE[preprocess.interpolation])
     # torchvision's CenterCrop offsets; PIL fills anything outside the image (crop_pct > 1) with black.

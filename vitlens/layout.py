@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 PrefixKind = Literal["cls", "dist", "reg"]
+CropMode = Literal["center", "squash"]
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,9 @@ class Preprocess:
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     interpolation: str = "bicubic"  # PIL resampling name: bilinear, bicubic, nearest, lanczos
     crop_pct: float = 1.0  # resize to img_size / crop_pct, then centre-crop img_size (timm's convention)
+    # timm's crop_mode: 'center' resizes the shorter side (aspect kept), 'squash' resizes both sides to
+    # img_size / crop_pct (aspect not kept, as Hugging Face's ViTImageProcessor and DeiTImageProcessor do).
+    crop_mode: CropMode = "center"
 
     def as_dict(self) -> dict:
         return {
@@ -115,4 +119,5 @@ class Preprocess:
             "std": list(self.std),
             "interpolation": self.interpolation,
             "crop_pct": self.crop_pct,
+            "crop_mode": self.crop_mode,
         }

@@ -12,13 +12,17 @@ from vitlens.cli.console import out_console, print_json, progress_bar, run_metad
 from vitlens.cli.options import (
     ArchOpt,
     BatchSizeOpt,
+    CheckpointKeyOpt,
+    CropPctOpt,
     DataOpt,
     DataRootOpt,
     DeviceOpt,
     DownloadOpt,
     FormatOpt,
     ImgSizeOpt,
+    InterpolationOpt,
     JsonOpt,
+    MeanOpt,
     ModelArg,
     ModelKwargsOpt,
     ModelOptions,
@@ -28,6 +32,7 @@ from vitlens.cli.options import (
     PretrainedOpt,
     QuietOpt,
     SplitOpt,
+    StdOpt,
     check_format,
     check_num_images,
 )
@@ -59,6 +64,11 @@ def attention_distance(
     img_size: ImgSizeOpt = None,
     device: DeviceOpt = "auto",
     pretrained: PretrainedOpt = True,
+    checkpoint_key: CheckpointKeyOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    crop_pct: CropPctOpt = None,
+    interpolation: InterpolationOpt = None,
     data: DataOpt = "digits",
     split: SplitOpt = "test",
     num_images: NumImagesOpt = PAPER_NUM_IMAGES,
@@ -82,7 +92,7 @@ def attention_distance(
     started = time.perf_counter()
     check_num_images(num_images)
     fmt = check_format(fmt)
-    vit = ModelOptions(model, arch, num_heads, model_kwargs, img_size, device, pretrained).load()
+    vit = ModelOptions.of(locals()).load()
     batch_size = resolve_batch_size(batch_size, vit.device)
     dataset = open_dataset(
         data, vit.preprocess, split=split, num_images=num_images, data_root=data_root, download=download

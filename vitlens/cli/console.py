@@ -10,11 +10,11 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
+from rich.markup import escape
 
 from vitlens.errors import Interrupted, VitlensError
 from vitlens.log import logger
@@ -42,11 +42,32 @@ def debug_enabled() -> bool:
     return _debug_flag or os.environ.get("VITLENS_DEBUG", "").lower() not in ("", "0", "false", "no")
 
 
+class _LineHandler(logging.Handler):
+    """One record, one line on stderr (``warning: ...``), never wrapped to the terminal's width."""
+
+    _STYLES: ClassVar[dict[str, str]] = {
+        "DEBUG": "dim",
+        "INFO": "cyan",
+        "WARNING": "yellow",
+        "ERROR": "bold red",
+        "CRITICAL": "bold red",
+    }
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = " ".join(self.format(record).split("\n"))
+            style = self._STYLES.get(record.levelname, "")
+            label = record.levelname.lower()
+            err_console().print(f"[{style}]{label}:[/] {escape(message)}", markup=True, highlight=False)
+        except Exception:
+            self.handleError(record)
+
+
 def setup_logging(*, quiet: bool = False, verbose: bool = False) -> None:
-    """Route the ``vitlens`` logger to stderr through rich (warnings always, info with --verbose)."""
+    """Route the ``vitlens`` logger to stderr, a line per record (warnings always, info with --verbose)."""
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
-    handler = RichHandler(console=err_console(), show_time=False, show_path=False, markup=False)
+    handler = _LineHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.ERROR if quiet else logging.INFO if verbose else logging.WARNING)
@@ -70,6 +91,9 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        level = logger.level
+        if kwargs.get("quiet"):  # --quiet: errors only, warnings included
+            logger.setLevel(logging.ERROR)
         try:
             return func(*args, **kwargs)
         except VitlensError as e:
@@ -80,6 +104,8 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
             if debug_enabled():
                 raise
             raise fail("interrupted", Interrupted.exit_code) from None
+        finally:
+            logger.setLevel(level)
 
     return wrapper
 

@@ -14,13 +14,17 @@ from vitlens.cli.options import (
     DATA_PANEL,
     ArchOpt,
     BatchSizeOpt,
+    CheckpointKeyOpt,
+    CropPctOpt,
     DataOpt,
     DataRootOpt,
     DeviceOpt,
     DownloadOpt,
     FormatOpt,
     ImgSizeOpt,
+    InterpolationOpt,
     JsonOpt,
+    MeanOpt,
     ModelArg,
     ModelKwargsOpt,
     ModelOptions,
@@ -29,6 +33,7 @@ from vitlens.cli.options import (
     OutOpt,
     PretrainedOpt,
     QuietOpt,
+    StdOpt,
     check_format,
     check_num_images,
 )
@@ -119,6 +124,11 @@ def fewshot(
     img_size: ImgSizeOpt = None,
     device: DeviceOpt = "auto",
     pretrained: PretrainedOpt = True,
+    checkpoint_key: CheckpointKeyOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    crop_pct: CropPctOpt = None,
+    interpolation: InterpolationOpt = None,
     data: DataOpt = "digits",
     test_data: TestDataOpt = None,
     num_images: NumImagesOpt = None,
@@ -160,7 +170,7 @@ def fewshot(
     fmt = check_format(fmt)
     feature_arg = check_feature(feature)
 
-    vit = ModelOptions(model, arch, num_heads, model_kwargs, img_size, device, pretrained).load()
+    vit = ModelOptions.of(locals()).load()
     batch_size = resolve_batch_size(batch_size, vit.device)
     layers, all_layers = parse_layers(layer, vit.depth)
     kind = feature_arg or ("pre-logits" if layers is None else "cls" if vit.layout.has_class_token else "gap")

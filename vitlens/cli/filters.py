@@ -12,10 +12,14 @@ from vitlens.cli.console import out_console, print_json, run_metadata
 from vitlens.cli.options import (
     OUTPUT_PANEL,
     ArchOpt,
+    CheckpointKeyOpt,
+    CropPctOpt,
     DeviceOpt,
     FormatOpt,
     ImgSizeOpt,
+    InterpolationOpt,
     JsonOpt,
+    MeanOpt,
     ModelArg,
     ModelKwargsOpt,
     ModelOptions,
@@ -23,6 +27,7 @@ from vitlens.cli.options import (
     OutOpt,
     PretrainedOpt,
     QuietOpt,
+    StdOpt,
     check_format,
 )
 from vitlens.errors import UsageError, VitlensError
@@ -51,6 +56,11 @@ def filters(
     img_size: ImgSizeOpt = None,
     device: DeviceOpt = "auto",
     pretrained: PretrainedOpt = True,
+    checkpoint_key: CheckpointKeyOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    crop_pct: CropPctOpt = None,
+    interpolation: InterpolationOpt = None,
     components: ComponentsOpt = None,
     out: OutOpt = Path("vitlens-out"),
     fmt: FormatOpt = "png",
@@ -71,7 +81,7 @@ def filters(
     fmt = check_format(fmt)
     if components is not None and components < 1:
         raise UsageError(f"--components must be at least 1, got {components}")
-    vit = ModelOptions(model, arch, num_heads, model_kwargs, img_size, device, pretrained).load()
+    vit = ModelOptions.of(locals()).load()
     weight = vit.patch_projection()  # [D, C, ph, pw]; raises for hybrid / conv-stem patch embeddings
     if not torch.isfinite(weight).all():
         raise VitlensError("the patch projection has NaN/inf weights: its principal components are undefined")

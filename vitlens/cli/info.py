@@ -12,15 +12,20 @@ from rich.table import Table
 from vitlens.cli.console import out_console, print_json, run_metadata
 from vitlens.cli.options import (
     ArchOpt,
+    CheckpointKeyOpt,
+    CropPctOpt,
     DeviceOpt,
     ImgSizeOpt,
+    InterpolationOpt,
     JsonOpt,
+    MeanOpt,
     ModelArg,
     ModelKwargsOpt,
     ModelOptions,
     NumHeadsOpt,
     PretrainedOpt,
     QuietOpt,
+    StdOpt,
 )
 
 
@@ -32,13 +37,21 @@ def info(
     img_size: ImgSizeOpt = None,
     device: DeviceOpt = "auto",
     pretrained: PretrainedOpt = True,
+    checkpoint_key: CheckpointKeyOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    crop_pct: CropPctOpt = None,
+    interpolation: InterpolationOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="Also write info.json here.")] = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Show the architecture, token layout and preprocessing vitlens read from MODEL."""
+    """Show the architecture, token layout and preprocessing vitlens read from MODEL.
+
+    Also the source format, what was converted, what was dropped, and what was guessed (and why).
+    """
     started = time.perf_counter()
-    opts = ModelOptions(model, arch, num_heads, model_kwargs, img_size, device, pretrained)
+    opts = ModelOptions.of(locals())
     vit = opts.load()
     facts = vit.describe()
     if out is not None:
@@ -54,7 +67,7 @@ def info(
     table.add_column("fact", style="bold")
     table.add_column("value")
     for key, value in facts.items():
-        if key == "guessed":
+        if key in ("guessed", "converted", "dropped"):
             continue
         if isinstance(value, list | tuple):
             shown = "x".join(map(str, value)) if key.endswith("_size") else ", ".join(map(_short, value))
@@ -66,8 +79,12 @@ def info(
         table.add_row(key, shown + mark)
     console = out_console()
     console.print(table)
+    for note in facts["converted"]:
+        console.print(f"[cyan]converted[/] {note}", highlight=False)
+    for part in facts["dropped"]:
+        console.print(f"[yellow]dropped[/] {part}", highlight=False)
     for fact, why in facts["guessed"].items():
-        console.print(f"[yellow]guessed[/] {fact}: {why}")
+        console.print(f"[yellow]guessed[/] {fact}: {why}", highlight=False)
 
 
 def _short(value: object) -> str:

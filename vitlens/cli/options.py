@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -61,6 +62,44 @@ PretrainedOpt = Annotated[
     bool,
     typer.Option(
         "--pretrained/--no-pretrained", help="For timm names: fetch pretrained weights.", rich_help_panel=MODEL_PANEL
+    ),
+]
+CheckpointKeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--checkpoint-key",
+        help="Which model of a file holding several: teacher, student, model_ema, or a key prefix (e.g. net).",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+MeanOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--mean",
+        help="Input mean per channel, e.g. 0.5,0.5,0.5 (else the source's; see info).",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+StdOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--std", help="Input std per channel, e.g. 0.5,0.5,0.5 (else the source's).", rich_help_panel=MODEL_PANEL
+    ),
+]
+CropPctOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--crop-pct",
+        help="Resize to size / crop-pct, then centre-crop (else the source's).",
+        rich_help_panel=MODEL_PANEL,
+    ),
+]
+InterpolationOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--interpolation",
+        help="Resize filter: bilinear | bicubic | nearest | lanczos | box | hamming (else the source's).",
+        rich_help_panel=MODEL_PANEL,
     ),
 ]
 BatchSizeOpt = Annotated[
@@ -147,6 +186,16 @@ class ModelOptions:
     img_size: str | None = None
     device: str = "auto"
     pretrained: bool = True
+    checkpoint_key: str | None = None
+    mean: str | None = None
+    std: str | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
+
+    @classmethod
+    def of(cls, params: Mapping[str, Any]) -> ModelOptions:
+        """The model options among a command's parameters (``locals()`` of the command: names are the fields')."""
+        return cls(**{f.name: params[f.name] for f in fields(cls) if f.name in params})
 
     def kwargs(self) -> dict[str, Any]:
         if not self.model_kwargs:
@@ -172,6 +221,11 @@ class ModelOptions:
             img_size=self.img_size,
             device=self.device,
             pretrained=self.pretrained,
+            checkpoint_key=self.checkpoint_key,
+            mean=self.mean,
+            std=self.std,
+            crop_pct=self.crop_pct,
+            interpolation=self.interpolation,
         )
 
 

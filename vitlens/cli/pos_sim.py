@@ -9,10 +9,14 @@ from typing import TYPE_CHECKING, Any
 from vitlens.cli.console import out_console, print_json, run_metadata
 from vitlens.cli.options import (
     ArchOpt,
+    CheckpointKeyOpt,
+    CropPctOpt,
     DeviceOpt,
     FormatOpt,
     ImgSizeOpt,
+    InterpolationOpt,
     JsonOpt,
+    MeanOpt,
     ModelArg,
     ModelKwargsOpt,
     ModelOptions,
@@ -20,6 +24,7 @@ from vitlens.cli.options import (
     OutOpt,
     PretrainedOpt,
     QuietOpt,
+    StdOpt,
     check_format,
 )
 from vitlens.errors import VitlensError
@@ -38,6 +43,11 @@ def pos_sim(
     img_size: ImgSizeOpt = None,
     device: DeviceOpt = "auto",
     pretrained: PretrainedOpt = True,
+    checkpoint_key: CheckpointKeyOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    crop_pct: CropPctOpt = None,
+    interpolation: InterpolationOpt = None,
     out: OutOpt = Path("vitlens-out"),
     fmt: FormatOpt = "png",
     json_: JsonOpt = False,
@@ -54,7 +64,7 @@ def pos_sim(
 
     started = time.perf_counter()
     fmt = check_format(fmt)
-    vit = ModelOptions(model, arch, num_heads, model_kwargs, img_size, device, pretrained).load()
+    vit = ModelOptions.of(locals()).load()
     pos_embed = vit.position_embedding()  # [N_pos, D]; raises when there is no learned absolute embedding
     if not torch.isfinite(pos_embed).all():
         raise VitlensError("the position embedding has NaN/inf values: its similarities are undefined")

@@ -14,12 +14,16 @@ from vitlens.cli.options import (
     DATA_PANEL,
     ArchOpt,
     BatchSizeOpt,
+    CheckpointKeyOpt,
+    CropPctOpt,
     DataOpt,
     DataRootOpt,
     DeviceOpt,
     DownloadOpt,
     ImgSizeOpt,
+    InterpolationOpt,
     JsonOpt,
+    MeanOpt,
     ModelArg,
     ModelKwargsOpt,
     ModelOptions,
@@ -28,6 +32,7 @@ from vitlens.cli.options import (
     PretrainedOpt,
     QuietOpt,
     SplitOpt,
+    StdOpt,
     check_num_images,
 )
 from vitlens.device import resolve_batch_size
@@ -72,6 +77,11 @@ def report(
     img_size: ImgSizeOpt = None,
     device: DeviceOpt = "auto",
     pretrained: PretrainedOpt = True,
+    checkpoint_key: CheckpointKeyOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    crop_pct: CropPctOpt = None,
+    interpolation: InterpolationOpt = None,
     data: DataOpt = "digits",
     images: ImagesOpt = None,
     split: SplitOpt = "test",
@@ -103,7 +113,7 @@ def report(
     if seeds < 1:
         raise UsageError(f"--seeds must be at least 1, not {seeds}")
     l2_value = parse_l2(l2)
-    vit = ModelOptions(model, arch, num_heads, model_kwargs, img_size, device, pretrained).load()
+    vit = ModelOptions.of(locals()).load()
     batch_size = resolve_batch_size(batch_size, vit.device)
 
     console = err_console()

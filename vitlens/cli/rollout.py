@@ -13,12 +13,16 @@ from vitlens.cli.options import (
     DATA_PANEL,
     ArchOpt,
     BatchSizeOpt,
+    CheckpointKeyOpt,
+    CropPctOpt,
     DataRootOpt,
     DeviceOpt,
     DownloadOpt,
     FormatOpt,
     ImgSizeOpt,
+    InterpolationOpt,
     JsonOpt,
+    MeanOpt,
     ModelArg,
     ModelKwargsOpt,
     ModelOptions,
@@ -28,6 +32,7 @@ from vitlens.cli.options import (
     PretrainedOpt,
     QuietOpt,
     SplitOpt,
+    StdOpt,
     check_format,
     check_num_images,
 )
@@ -111,6 +116,11 @@ def rollout(
     img_size: ImgSizeOpt = None,
     device: DeviceOpt = "auto",
     pretrained: PretrainedOpt = True,
+    checkpoint_key: CheckpointKeyOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    crop_pct: CropPctOpt = None,
+    interpolation: InterpolationOpt = None,
     data: SourceDataOpt = None,
     split: SplitOpt = "test",
     num_images: NumImagesOpt = None,
@@ -158,7 +168,7 @@ def rollout(
     if not images and data is None:
         raise UsageError("no images: pass IMAGE files (or a folder), or --data SPEC [--num-images N]")
 
-    vit = ModelOptions(model, arch, num_heads, model_kwargs, img_size, device, pretrained).load()
+    vit = ModelOptions.of(locals()).load()
     batch_size = resolve_batch_size(batch_size, vit.device)
     defaulted = target is None
     target = default_target(vit.layout) if target is None else target

@@ -13,15 +13,28 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vitlens.errors import UsageError, VitlensError
+from vitlens.models.convert import INFERRED_ARCH, INFERRED_DISTILLED_ARCH, mlp_ratio_for
 
 if TYPE_CHECKING:
     import torch
 
-# Heads of the standard ViT widths (ViT paper Table 1, DeiT Ti/S, DINOv2 g); anything else must be given.
-STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1536: 24}
-INFERRED_ARCH = "vit_inferred"
-INFERRED_DISTILLED_ARCH = "vit_distilled_inferred"
-
+# Heads per width of the released ViT families, with where each row comes from. A width whose released families
+# disagree (1536) is ambiguous unless the family is known; any other width is not guessed at all.
+HEAD_TABLE: dict[int, tuple[tuple[int, str, str], ...]] = {
+    # width: ((heads, family, source), ...)
+    192: ((3, "deit", "DeiT-Ti, Touvron et al. 2021, Table 1"),),
+    384: ((6, "vit", "ViT-S / DeiT-S, Touvron et al. 2021, Table 1; DINOv2 ViT-S/14"),),
+    768: ((12, "vit", "ViT-B, Dosovitskiy et al. 2020, Table 1"),),
+    1024: ((16, "vit", "ViT-L, Dosovitskiy et al. 2020, Table 1"),),
+    1152: ((16, "siglip", "SigLIP So400m/14, Alabdulmohsin et al. 2023 (width 1152, 16 heads)"),),
+    1280: ((16, "vit", "ViT-H, Dosovitskiy et al. 2020, Table 1; open_clip ViT-H-14 (head width 80)"),),
+    1408: ((16, "vit", "ViT-g/14 of EVA and open_clip (width 1408, head width 88)"),),
+    1536: (
+        (24, "dinov2", "DINOv2 ViT-g/14, Oquab et al. 2023 (24 heads of 64)"),
+        (16, "siglip", "SigLIP 2 giant-opt/16, Tschannen et al. 2025 (16 heads of 96)"),
+    ),
+    1664: ((16, "vit", "ViT-bigG/14 of open_clip (width 1664, head width 104)"),),
+}
 _CNN_HINTS = ("conv1.weight", "layer1.0.conv1.weight", "stem.0.weight", "stages.0", "features.0.weight")
 
 
@@ -35,20 +48,37 @@ class InferredArch:
     dropped_keys: list[str] = field(default_factory=list)  # head weights that do not fit a linear head
 
 
-def heads_for_width(embed_dim: int, num_heads: int | None) -> tuple[int, str | None]:
-    """The number of heads: given, else from the standard width table. Returns (heads, why-guessed or None)."""
+def heads_for_width(embed_dim: int, num_heads: int | None, family: str | None = None) -> tuple[int, str | None]:
+    """The number of heads: given, else from :data:`HEAD_TABLE`. Returns (heads, why-guessed or None).
+
+    Args:
+        embed_dim: the width.
+        num_heads: what the user gave (``--num-heads``), if anything.
+        family: a family hint (``"dinov2"``, ``"siglip"``) that settles a width whose families disagree.
+
+    Raises:
+        UsageError: ``num_heads`` does not divide the width.
+        VitlensError: the width is not in the table, or its released families disagree and no family settles it.
+    """
     if num_heads is not None:
         if num_heads < 1 or embed_dim % num_heads:
             raise UsageError(f"--num-heads {num_heads} does not divide the embedding width {embed_dim}")
         return num_heads, None
-    if embed_dim in STANDARD_HEADS:
-        heads = STANDARD_HEADS[embed_dim]
-        return heads, f"not stored in checkpoints; standard for width {embed_dim} (pass --num-heads to override)"
-    if embed_dim % 64 == 0:
-        heads = embed_dim // 64
-        return heads, "not stored in checkpoints; assumed head width 64 (pass --num-heads to override)"
+    rows = HEAD_TABLE.get(embed_dim, ())
+    if family is not None and len(rows) > 1:
+        rows = tuple(r for r in rows if r[1] == family) or rows
+    if len({r[0] for r in rows}) == 1:
+        heads, _, source = rows[0]
+        return heads, f"not stored in the checkpoint; {heads} for width {embed_dim} as in {source} (pass --num-heads)"
+    if rows:
+        options = "; ".join(f"{h} in {src}" for h, _, src in rows)
+        raise VitlensError(
+            f"the number of heads is not stored in this checkpoint and width {embed_dim} has several ({options}): "
+            "pass --num-heads"
+        )
     raise VitlensError(
-        f"cannot guess the number of heads for width {embed_dim}: pass --num-heads (it is not stored in weights)"
+        f"the number of heads is not stored in this checkpoint and width {embed_dim} is not a standard ViT width: "
+        "pass --num-heads"
     )
 
 
@@ -86,6 +116,9 @@ def infer_from_state_dict(
         raise VitlensError(f"patch_embed.proj.weight has shape {tuple(proj.shape)}; expected [D, C, ph, pw]")
     embed_dim, in_chans, ph, pw = (int(s) for s in proj.shape)
     depth = 1 + max(int(m.group(1)) for k in keys if (m := re.match(r"blocks\.(\d+)\.", k)))
+    q_norm = sd.get("blocks.0.attn.q_norm.weight")
+    if num_heads is None and q_norm is not None and q_norm.ndim == 1 and embed_dim % int(q_norm.shape[0]) == 0:
+        num_heads = embed_dim // int(q_norm.shape[0])  # q/k norm works per head: its width is the head width
     heads, why = heads_for_width(embed_dim, num_heads)
     guessed = {"num_heads": why} if why else {}
 
@@ -102,7 +135,7 @@ def infer_from_state_dict(
         "embed_dim": embed_dim,
         "depth": depth,
         "num_heads": heads,
-        "mlp_ratio": float(fc1.shape[0]) / embed_dim,
+        "mlp_ratio": mlp_ratio_for(int(fc1.shape[0]), embed_dim),
         "qkv_bias": "blocks.0.attn.qkv.bias" in sd,
         "qk_norm": "blocks.0.attn.q_norm.weight" in sd,
         "proj_bias": "blocks.0.attn.proj.bias" in sd,
@@ -228,7 +261,7 @@ def infer_from_npz(shapes: dict[str, tuple[int, ...]]) -> InferredArch:
         "embed_dim": embed_dim,
         "depth": depth,
         "num_heads": q_shape[1],
-        "mlp_ratio": fc1[1] / embed_dim,
+        "mlp_ratio": mlp_ratio_for(int(fc1[1]), int(embed_dim)),
         "qkv_bias": True,
         "class_token": class_token,
         "no_embed_class": no_embed_class,

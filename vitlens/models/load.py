@@ -1,9 +1,12 @@
-"""Loading any ViT checkpoint the user has: files, timm names, ``hf-hub:`` ids, vitlens checkpoints, ``demo``.
+"""Loading any ViT checkpoint the user has: files, folders, timm names, ``hf-hub:`` ids, vitlens checkpoints, ``demo``.
 
-The architecture comes from vitlens metadata, else ``--arch`` (+ ``--model-kwargs``), else it is inferred from the
-state dict (:mod:`vitlens.models.infer`). Whatever the source, the result is one :class:`~vitlens.models.vit.ViT`
-in eval mode on the chosen device, with ``--img-size`` applied by resampling the position embedding (timm's
-``set_input_size``).
+The architecture comes from vitlens metadata, else ``--arch`` (+ ``--model-kwargs``), else the source family's
+converter reads it from the source's config or the state dict (:mod:`vitlens.models.sources`). Preprocessing comes
+from vitlens metadata, else the source's own config, else the family's documented default, which is then listed
+under ``guessed``; ``--mean``/``--std``/``--crop-pct``/``--interpolation`` override any of them. Everything guessed
+and every part dropped is said in one warning line each, on every command. Whatever the source, the result is one
+:class:`~vitlens.models.vit.ViT` in eval mode on the chosen device, with ``--img-size`` applied by resampling the
+position embedding (timm's ``set_input_size``).
 """
 
 from __future__ import annotations
@@ -21,13 +24,8 @@ from vitlens.errors import UsageError, VitlensError
 from vitlens.layout import Preprocess
 from vitlens.log import logger
 from vitlens.models.checkpoint import CHECKPOINT_SUFFIXES, RawCheckpoint, read_checkpoint
-from vitlens.models.infer import (
-    INFERRED_ARCH,
-    INFERRED_DISTILLED_ARCH,
-    InferredArch,
-    infer_from_npz,
-    infer_from_state_dict,
-)
+from vitlens.models.convert import Conversion, build_vit, fmt_kwargs
+from vitlens.models.infer import infer_from_npz
 from vitlens.models.vit import ViT, is_timm_vit
 
 if TYPE_CHECKING:
@@ -35,9 +33,13 @@ if TYPE_CHECKING:
     from torch import nn
 
 DEMO_SPEC = "demo"
+LOCAL_DIR = "local-dir:"  # timm's spelling for a hub-style folder on disk
+HF_HUB = "hf-hub:"
 HEAD_PREFIXES = ("head.", "head_dist.")
 # timm's default for ViTs trained from scratch (AugReg, ViT paper): inputs scaled to [-1, 1].
 DEFAULT_MEAN_STD = (0.5, 0.5)
+PREPROCESS_FIELDS = ("mean", "std", "interpolation", "crop_pct", "crop_mode")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
 
 
 def demo_checkpoint_path() -> Path:
@@ -67,6 +69,7 @@ def parse_img_size(value: str | int | tuple[int, int] | None) -> tuple[int, int]
 
 
 def looks_like_path(spec: str) -> bool:
+    """A file or folder path rather than a timm name (timm names have no separators and no checkpoint suffix)."""
     return (
         os.sep in spec
         or spec.startswith((".", "~"))
@@ -84,85 +87,176 @@ def load_vit(
     img_size: str | int | tuple[int, int] | None = None,
     device: str = "auto",
     pretrained: bool = True,
+    checkpoint_key: str | None = None,
+    mean: str | float | tuple[float, ...] | None = None,
+    std: str | float | tuple[float, ...] | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
 ) -> ViT:
     """Load a ViT from whatever the user has.
 
     Args:
-        spec: a checkpoint file (.safetensors/.pth/.pt/.bin/.ckpt/.npz), a timm model name (with optional
-            pretrained tag), ``hf-hub:org/name``, or ``demo`` (also when None).
-        arch: timm architecture for a state dict that is not a vitlens checkpoint (else it is inferred).
-        num_heads: heads per layer for an inferred architecture (not stored in weights).
-        model_kwargs: extra ``timm.create_model`` kwargs.
+        spec: a checkpoint file (.safetensors/.pth/.pt/.bin/.ckpt/.npz), a checkpoint folder (Hugging Face
+            ``save_pretrained``, timm ``save_for_hf``, open_clip hub) or ``local-dir:FOLDER``, a timm model name
+            (with optional pretrained tag), ``hf-hub:org/name``, or ``demo`` (also when None).
+        arch: timm architecture for a state dict that is not a vitlens checkpoint (else it is read or inferred).
+        num_heads: heads per layer where the source does not say (state dicts without a config).
+        model_kwargs: extra ``timm.create_model`` kwargs; they override what a converter chose (e.g.
+            ``{"act_layer": "quick_gelu"}``).
         img_size: analyse at this input size; the position embedding is resampled (timm's resampling).
         device: ``auto|cpu|cuda|cuda:N|mps``.
         pretrained: for timm names, whether to fetch pretrained weights.
+        checkpoint_key: which model of a file that holds several (``teacher``, ``student``, ``model_ema``, or a key
+            prefix such as ``net``).
+        mean: per-channel input mean (``"0.5,0.5,0.5"``, one value for all channels, or a tuple); overrides the
+            source's.
+        std: per-channel input standard deviation, likewise.
+        crop_pct: centre-crop fraction (resize to ``img_size / crop_pct``, then crop ``img_size``).
+        interpolation: resize filter (``bilinear``, ``bicubic``, ``nearest``, ``lanczos``, ``box``, ``hamming``).
 
     Raises:
         VitlensError: for every problem a user can cause, with a one-line message.
     """
     torch_device = resolve_device(device)
     size = parse_img_size(img_size)
+    overrides = preprocess_overrides(mean=mean, std=std, crop_pct=crop_pct, interpolation=interpolation)
     model_kwargs = dict(model_kwargs or {})
     spec_str = DEMO_SPEC if spec is None else str(spec)
-    if spec_str == DEMO_SPEC:
+    if spec_str.startswith(LOCAL_DIR):
+        folder = Path(spec_str.removeprefix(LOCAL_DIR)).expanduser()
+        if not folder.is_dir():
+            raise VitlensError(f"{spec_str}: {folder} is not a folder")
+        vit = _load_file(folder, arch, num_heads, model_kwargs, size, checkpoint_key)
+    elif spec_str == DEMO_SPEC:
         path = demo_checkpoint_path()
         if not path.exists():
             raise VitlensError("the embedded demo model is missing from this installation; reinstall vitlens")
-        vit = _load_file(path, arch, num_heads, model_kwargs, size)
+        vit = _load_file(path, arch, num_heads, model_kwargs, size, checkpoint_key)
         vit.source = DEMO_SPEC
-    elif looks_like_path(spec_str):
-        vit = _load_file(Path(spec_str).expanduser(), arch, num_heads, model_kwargs, size)
+    elif spec_str.startswith(HF_HUB) and pretrained:
+        # Any hub repo (timm, transformers, open_clip): its files come through the hub cache and load as a folder.
+        folder, revision = _hub_folder(spec_str.removeprefix(HF_HUB))
+        vit = _load_file(folder, arch, num_heads, model_kwargs, size, checkpoint_key)
+        vit.source = spec_str
+        vit.model_id = f"{spec_str}@{revision}"
+    elif looks_like_path(spec_str) and not spec_str.startswith(HF_HUB):
+        vit = _load_file(Path(spec_str).expanduser(), arch, num_heads, model_kwargs, size, checkpoint_key)
     else:
+        if checkpoint_key is not None:
+            raise UsageError("--checkpoint-key applies to checkpoint files, not to timm names")
         vit = _load_timm_name(spec_str, model_kwargs, pretrained)
     if size is not None and tuple(size) != vit.layout.img_size:
         _set_input_size(vit, size)
+    _apply_overrides(vit, overrides)
+    for fact, why in vit.guessed.items():
+        logger.warning("guessed %s: %s", fact, why)
     _warn_non_finite(vit.model)
     vit.model.to(torch_device)
     return vit
 
 
+def preprocess_overrides(
+    *,
+    mean: str | float | tuple[float, ...] | None = None,
+    std: str | float | tuple[float, ...] | None = None,
+    crop_pct: float | None = None,
+    interpolation: str | None = None,
+) -> dict[str, Any]:
+    """The user's preprocessing overrides, validated (values per channel are fitted to the model later).
+
+    Raises:
+        UsageError: a value that is not a number list, a non-positive std or crop, or an unknown filter.
+    """
+    out: dict[str, Any] = {}
+    for name, value in (("mean", mean), ("std", std)):
+        if value is None or value == "":
+            continue
+        if isinstance(value, str):
+            try:
+                values = tuple(float(v) for v in value.replace(" ", "").split(",") if v)
+            except ValueError:
+                raise UsageError(f"--{name} '{value}' is not a comma-separated list of numbers")
+        elif isinstance(value, int | float):
+            values = (float(value),)
+        else:
+            values = tuple(float(v) for v in value)
+        if not values or len(values) > 3 or any(v != v for v in values):
+            raise UsageError(f"--{name} must be one number or one per channel, not {value!r}")
+        if name == "std" and min(values) <= 0:
+            raise UsageError(f"--std must be positive, not {value!r}")
+        out[name] = values
+    if crop_pct is not None:
+        if not 0 < float(crop_pct) <= 2:
+            raise UsageError(f"--crop-pct must be in (0, 2], not {crop_pct}")
+        out["crop_pct"] = float(crop_pct)
+    if interpolation is not None:
+        value = interpolation.strip().lower()
+        if value not in INTERPOLATIONS:
+            raise UsageError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, not {interpolation!r}")
+        out["interpolation"] = value
+    return out
+
+
+def _apply_overrides(vit: ViT, overrides: dict[str, Any]) -> None:
+    """Put the user's preprocessing into ``vit.preprocess``; what they set is no longer a guess."""
+    from dataclasses import replace
+
+    if not overrides:
+        return
+    fields = dict(overrides)
+    for name in ("mean", "std"):
+        if name in fields:
+            values = fields[name]
+            if len(values) == 1:
+                values = values * vit.in_chans
+            if len(values) != vit.in_chans:
+                raise UsageError(f"--{name} has {len(values)} values; this model takes {vit.in_chans} channels")
+            fields[name] = values
+    vit.preprocess = replace(vit.preprocess, **fields)
+    key = _preprocess_guess_key(vit.guessed)
+    if key is not None:
+        left = [f for f in key.split("/") if f not in fields]
+        why = vit.guessed.pop(key)
+        if left:
+            vit.guessed["/".join(left)] = why
+    vit.converted.append("preprocessing set by the user: " + ", ".join(sorted(fields)))
+
+
+def _preprocess_guess_key(guessed: dict[str, str]) -> str | None:
+    return next((k for k in guessed if k.split("/")[0] in PREPROCESS_FIELDS), None)
+
+
 # ------------------------------------------------------------------------------------------------ files
 def _load_file(
-    path: Path, arch: str | None, num_heads: int | None, model_kwargs: dict[str, Any], size: tuple[int, int] | None
+    path: Path,
+    arch: str | None,
+    num_heads: int | None,
+    model_kwargs: dict[str, Any],
+    size: tuple[int, int] | None,
+    checkpoint_key: str | None = None,
 ) -> ViT:
-    raw = read_checkpoint(path)
+    raw = read_checkpoint(path, checkpoint_key=checkpoint_key)
     if raw.kind == "npz":
         vit = _from_npz(raw, arch, model_kwargs)
     elif raw.metadata is not None:
         vit = _from_vitlens_checkpoint(raw, model_kwargs)
     else:
-        vit = _from_state_dict(raw, arch, num_heads, model_kwargs, size)
+        from vitlens.models.sources import convert_checkpoint
+
+        conv = convert_checkpoint(raw, arch=arch, num_heads=num_heads, img_size=size, model_kwargs=model_kwargs)
+        vit = _from_conversion(conv, raw, model_kwargs)
     vit.source = str(path)
-    vit.checkpoint_path = path
+    vit.checkpoint_path = path if path.is_file() else raw.path
     for note in raw.notes:
         logger.info("%s: %s", path.name, note)
+    if raw.choice:
+        logger.warning("%s", raw.choice)
     return vit
 
 
 def build_model(arch: str, kwargs: dict[str, Any]) -> nn.Module:
     """Instantiate a timm ViT (random weights) from an architecture name and constructor kwargs."""
-    import timm
-    from timm.models.deit import VisionTransformerDistilled
-    from timm.models.vision_transformer import VisionTransformer
-
-    kwargs = dict(kwargs)
-    for key in ("img_size", "patch_size"):
-        if isinstance(kwargs.get(key), list):
-            kwargs[key] = tuple(kwargs[key])
-    try:
-        if arch == INFERRED_ARCH:
-            return VisionTransformer(**kwargs)
-        if arch == INFERRED_DISTILLED_ARCH:
-            return VisionTransformerDistilled(**kwargs)
-        if not timm.is_model(arch):
-            raise VitlensError(f"unknown timm architecture '{arch}' (see timm.list_models('vit_*'))")
-        return timm.create_model(arch, pretrained=False, **kwargs)
-    except (TypeError, ValueError, AssertionError) as e:
-        raise VitlensError(f"cannot build '{arch}' with {_fmt_kwargs(kwargs)}: {e}")
-
-
-def _fmt_kwargs(kwargs: dict[str, Any]) -> str:
-    return "{" + ", ".join(f"{k}={v}" for k, v in kwargs.items()) + "}" if kwargs else "default settings"
+    return build_vit(arch, kwargs)
 
 
 def _from_vitlens_checkpoint(raw: RawCheckpoint, model_kwargs: dict[str, Any]) -> ViT:
@@ -183,6 +277,7 @@ def _from_vitlens_checkpoint(raw: RawCheckpoint, model_kwargs: dict[str, Any]) -
         std=tuple(pre.get("std", (DEFAULT_MEAN_STD[1],) * in_chans)),
         interpolation=pre.get("interpolation", "bicubic"),
         crop_pct=float(pre.get("crop_pct", 1.0)),
+        crop_mode=pre.get("crop_mode", "center"),
     )
     return ViT(
         model,
@@ -191,60 +286,79 @@ def _from_vitlens_checkpoint(raw: RawCheckpoint, model_kwargs: dict[str, Any]) -
         arch_kwargs=kwargs,
         class_names=meta.get("class_names"),
         metadata=meta,
+        source_format="vitlens",
     )
 
 
-def _from_state_dict(
-    raw: RawCheckpoint,
-    arch: str | None,
-    num_heads: int | None,
-    model_kwargs: dict[str, Any],
-    size: tuple[int, int] | None,
-) -> ViT:
-    import timm.models.vision_transformer as tvit
-
-    sd = dict(raw.state_dict)
+def _from_conversion(conv: Conversion, raw: RawCheckpoint, model_kwargs: dict[str, Any]) -> ViT:
+    """Build the converted timm ViT, load its weights strictly, and settle its preprocessing."""
     name = raw.path.name
-    guessed: dict[str, str] = {}
-    if arch is not None:
-        head_w = sd.get("head.weight")
-        kwargs = dict(model_kwargs)
-        if head_w is not None and head_w.ndim == 2:
-            kwargs.setdefault("num_classes", int(head_w.shape[0]))
-        else:
-            kwargs.setdefault("num_classes", 0)
-        if size is not None:
-            kwargs.setdefault("img_size", size)
-        if num_heads is not None:
-            kwargs.setdefault("num_heads", num_heads)
-        model = build_model(arch, kwargs)
-        _require_vit(model, arch)
-        try:
-            sd = tvit.checkpoint_filter_fn(sd, model)
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise VitlensError(f"{name} does not fit --arch {arch}: {str(e).splitlines()[0][:200]}")
-        arch_name = arch
-    else:
-        inferred: InferredArch = infer_from_state_dict(sd, num_heads=num_heads, img_size=size)
-        for key in inferred.dropped_keys:
-            sd.pop(key, None)
-        if inferred.dropped_keys:
-            logger.warning(
-                "%s: dropped %d classifier weights that are not a linear head (%s); the analyses use the backbone",
-                name,
-                len(inferred.dropped_keys),
-                ", ".join(inferred.dropped_keys[:3]),
-            )
-        sd.pop("mask_token", None)  # DINOv2 / iBOT masking token: not part of the inference path
-        kwargs = {**inferred.kwargs, **model_kwargs}
-        model = build_model(inferred.arch, kwargs)
-        guessed.update(inferred.guessed)
-        arch_name = inferred.arch
-    _load_strict(model, sd, name)
-    preprocess = _timm_preprocess(model)
-    if arch is None:
-        guessed["mean/std"] = "not stored in state dicts; assumed timm's ViT default 0.5/0.5"
-    return ViT(model, preprocess, arch=arch_name, arch_kwargs=kwargs, guessed=guessed)
+    kwargs = {**conv.kwargs, **model_kwargs}
+    guessed = dict(conv.guessed)
+    # A converter that built the model already (timm architectures) did so with the user's kwargs applied.
+    model = conv.model if conv.model is not None else build_model(conv.arch, kwargs)
+    for key in model_kwargs:
+        if key in guessed or (key == "act_layer" and "act_layer" in guessed):
+            guessed.pop(key, None)
+    _require_vit(model, conv.arch)
+    _load_strict(model, conv.state_dict, name)
+    for part in conv.dropped:
+        logger.warning("%s: dropped %s", name, part)
+    in_chans = int(model.patch_embed.proj.weight.shape[1]) if hasattr(model.patch_embed, "proj") else 3
+    fields = {**conv.preprocess}
+    missing = [f for f in PREPROCESS_FIELDS if f not in fields]
+    for f in missing:
+        fields[f] = conv.preprocess_defaults.get(f, _FALLBACK_PREPROCESS[f])
+    shown = [f for f in missing if f != "crop_mode" or fields[f] != "center"]
+    if shown:
+        values = ", ".join(f"{f}={_fmt_value(fields[f])}" for f in shown)
+        why = conv.preprocess_default_why or "timm's ViT default"
+        flags = "/".join("--" + f.replace("_", "-") for f in shown if f != "crop_mode")
+        guessed["/".join(shown)] = f"not in the checkpoint; assumed {why}: {values} (set with {flags})"
+    for f in ("mean", "std"):
+        values = tuple(float(v) for v in fields[f])
+        if len(values) != in_chans:  # e.g. a 1-channel model with RGB statistics: average them
+            values = (sum(values) / len(values),) * in_chans
+        fields[f] = values
+    preprocess = Preprocess(
+        img_size=tuple(int(s) for s in model.patch_embed.img_size),
+        in_chans=in_chans,
+        mean=fields["mean"],
+        std=fields["std"],
+        interpolation=str(fields["interpolation"]),
+        crop_pct=float(fields["crop_pct"]),
+        crop_mode=fields["crop_mode"],
+    )
+    converted = list(conv.converted)
+    if conv.preprocess_from:
+        converted.append(f"preprocessing ({', '.join(conv.preprocess)}) read from {conv.preprocess_from}")
+    return ViT(
+        model,
+        preprocess,
+        arch=conv.arch,
+        arch_kwargs=kwargs,
+        class_names=conv.class_names,
+        guessed=guessed,
+        source_format=conv.source_format,
+        converted=converted,
+        dropped=list(conv.dropped),
+    )
+
+
+# Used only when a converter states no default for a field.
+_FALLBACK_PREPROCESS: dict[str, Any] = {
+    "mean": (0.5, 0.5, 0.5),
+    "std": (0.5, 0.5, 0.5),
+    "interpolation": "bicubic",
+    "crop_pct": 0.9,
+    "crop_mode": "center",
+}
+
+
+def _fmt_value(value: Any) -> str:
+    if isinstance(value, tuple | list):
+        return "(" + ", ".join(f"{float(v):.4g}" for v in value) + ")"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _from_npz(raw: RawCheckpoint, arch: str | None, model_kwargs: dict[str, Any]) -> ViT:
@@ -261,7 +375,44 @@ def _from_npz(raw: RawCheckpoint, arch: str | None, model_kwargs: dict[str, Any]
         model.load_pretrained(str(raw.path))
     except (KeyError, RuntimeError, ValueError) as e:
         raise VitlensError(f"{raw.path.name} does not match a ViT of {arch_name}: {str(e).splitlines()[0][:200]}")
-    return ViT(model, _timm_preprocess(model), arch=arch_name, arch_kwargs=kwargs)
+    dropped = []
+    pre_logits = sorted(k for k in raw.npz_shapes if "pre_logits/" in k)
+    if pre_logits:
+        # timm dropped the representation layer (ViT paper §3.1, used only by the original i21k releases): the
+        # head then reads the class token directly, so logits are not the checkpoint's.
+        dropped.append(
+            f"pre-logits layer ({', '.join(pre_logits)}): timm has no representation layer, so logits differ from "
+            "the original model's; the backbone is exact"
+        )
+        for part in dropped:
+            logger.warning("%s: dropped %s", raw.path.name, part)
+    in_chans = int(model.patch_embed.proj.weight.shape[1])
+    guessed = {}
+    if arch is None:
+        guessed["mean/std/interpolation/crop_pct"] = (
+            "not stated by .npz checkpoints; assumed the Google / big_vision ViT releases' inputs in [-1, 1] and "
+            "timm's ViT default: mean=(0.5, ...), std=(0.5, ...), interpolation=bicubic, crop_pct=0.9 "
+            "(--mean/--std/... to set)"
+        )
+        preprocess = Preprocess(
+            img_size=tuple(int(s) for s in model.patch_embed.img_size),
+            in_chans=in_chans,
+            mean=(0.5,) * in_chans,
+            std=(0.5,) * in_chans,
+            interpolation="bicubic",
+            crop_pct=0.9,
+        )
+    else:
+        preprocess = _timm_preprocess(model)
+    return ViT(
+        model,
+        preprocess,
+        arch=arch_name,
+        arch_kwargs=kwargs,
+        guessed=guessed,
+        source_format="npz (Google ViT / big_vision)",
+        dropped=dropped,
+    )
 
 
 def _require_vit(model: nn.Module, arch: str) -> None:
@@ -314,8 +465,8 @@ def _load_strict(model: nn.Module, sd: dict[str, torch.Tensor], name: str) -> No
 def _load_timm_name(name: str, model_kwargs: dict[str, Any], pretrained: bool) -> ViT:
     import timm
 
-    base = name.removeprefix("hf-hub:") if name.startswith("hf-hub:") else name.split(".")[0]
-    if not name.startswith("hf-hub:") and not timm.is_model(base):
+    base = name.removeprefix(HF_HUB) if name.startswith(HF_HUB) else name.split(".")[0]
+    if not name.startswith(HF_HUB) and not timm.is_model(base):
         raise VitlensError(
             f"'{name}' is not a file and not a timm model name; give a checkpoint path, a timm name "
             "(e.g. vit_small_patch16_224.augreg_in21k), hf-hub:org/name, or demo"
@@ -324,7 +475,7 @@ def _load_timm_name(name: str, model_kwargs: dict[str, Any], pretrained: bool) -
         with _hub_offline_if_unreachable(pretrained):
             model = timm.create_model(name, pretrained=pretrained, **model_kwargs)
     except (TypeError, ValueError, AssertionError) as e:
-        raise VitlensError(f"cannot build '{name}' with {_fmt_kwargs(model_kwargs)}: {e}")
+        raise VitlensError(f"cannot build '{name}' with {fmt_kwargs(model_kwargs)}: {e}")
     except Exception as e:  # network stacks raise many types (OSError, HTTP, hub errors)
         if not pretrained:
             raise
@@ -333,11 +484,51 @@ def _load_timm_name(name: str, model_kwargs: dict[str, Any], pretrained: bool) -
             "download the checkpoint elsewhere and pass the file, or use --no-pretrained for random weights"
         )
     _require_vit(model, name)
-    vit = ViT(model, _timm_preprocess(model), arch=name, arch_kwargs=dict(model_kwargs))
+    vit = ViT(model, _timm_preprocess(model), arch=name, arch_kwargs=dict(model_kwargs), source_format="timm-name")
     vit.source = name
     tag = getattr(model, "pretrained_cfg", {}).get("tag") if pretrained else "random-init"
     vit.model_id = f"timm:{name}:{tag}"
     return vit
+
+
+def _hub_folder(repo: str) -> tuple[Path, str]:
+    """The snapshot folder of a hub repo with the files vitlens reads (configs, then the first weights it knows).
+
+    Files come from the hub cache; they are downloaded when the hub is reachable. ``repo`` may end in
+    ``@revision``. Returns the folder and its revision (the snapshot's commit hash).
+
+    Raises:
+        VitlensError: nothing vitlens can read was found (unreachable hub and not cached, or no weights).
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+    from vitlens.models.checkpoint import CONFIG_FILES, FOLDER_WEIGHTS, read_shard_names
+
+    repo_id, _, revision = repo.partition("@")
+
+    def fetch(name: str) -> Path | None:
+        try:
+            return Path(hf_hub_download(repo_id, name, revision=revision or None))
+        except EntryNotFoundError:  # absent from the repo, or (offline) from the cache
+            return None
+        except (HfHubHTTPError, OSError, ValueError) as e:
+            raise VitlensError(f"hf-hub:{repo}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+
+    with _hub_offline_if_unreachable(True):
+        found = [p for p in (fetch(name) for name in CONFIG_FILES) if p is not None]
+        weights = next((p for p in (fetch(name) for name in FOLDER_WEIGHTS) if p is not None), None)
+        if weights is not None and weights.name.endswith(".index.json"):
+            for shard in read_shard_names(weights):
+                if fetch(shard) is None:
+                    raise VitlensError(f"hf-hub:{repo}: the shard {shard} of {weights.name} could not be fetched")
+    if weights is None:
+        where = "in the hub cache or on the hub" if found else "(no network, and not in the hub cache?)"
+        raise VitlensError(
+            f"hf-hub:{repo}: found no model weights vitlens reads {where}; download the repo elsewhere "
+            f"(hf download {repo_id} --local-dir DIR) and pass the folder"
+        )
+    return weights.parent, weights.parent.name
 
 
 def _host_resolves(host: str, timeout: float = 3.0) -> bool:
@@ -404,6 +595,7 @@ def _timm_preprocess(model: nn.Module) -> Preprocess:
         std=std,
         interpolation=str(cfg.get("interpolation", "bicubic")),
         crop_pct=float(cfg.get("crop_pct", 1.0) or 1.0),
+        crop_mode="squash" if cfg.get("crop_mode") == "squash" else "center",
     )
 
 

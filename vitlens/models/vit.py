@@ -89,6 +89,9 @@ class ViT:
     model_id: str = ""  # a stable id given at load time (timm name + tag); files are hashed on demand instead
     checkpoint_path: Path | None = None  # the file the weights came from, if any
     metadata: dict[str, Any] = field(default_factory=dict)  # vitlens checkpoint metadata, if any
+    source_format: str = ""  # the checkpoint's family, e.g. 'hf-transformers:Dinov2WithRegistersModel', 'torchvision'
+    converted: list[str] = field(default_factory=list)  # what the loader rewrote or read from the source's configs
+    dropped: list[str] = field(default_factory=list)  # parts of the checkpoint the timm model does not keep
     layout: TokenLayout = field(init=False)
 
     def __post_init__(self) -> None:
@@ -232,6 +235,7 @@ class ViT:
             pos_kind = "learned, patches only (no_embed_class)" if not layout.pos_embed_includes_prefix else "learned"
         return {
             "source": self.source,
+            "source_format": self.source_format,
             "arch": self.arch,
             "model_class": type(self.model).__name__,
             "num_params": self.num_params,
@@ -256,7 +260,10 @@ class ViT:
             "std": list(self.preprocess.std),
             "interpolation": self.preprocess.interpolation,
             "crop_pct": self.preprocess.crop_pct,
+            "crop_mode": self.preprocess.crop_mode,
             "class_names": self.class_names,
             "device": str(self.device),
+            "converted": list(self.converted),
+            "dropped": list(self.dropped),
             "guessed": dict(self.guessed),
         }
