@@ -80,7 +80,8 @@ def test_hf_preprocessing_equals_the_image_processor_on_a_real_image(tmp_path):
     from vitlens.data import _resize_crop
 
     _, folder, processor = _hf_vit_classifier(tmp_path)
-    photo = Image.fromarray(load_sample_image("china.jpg")[50:400, 100:450])  # a real photo, 350 x 350
+    # A real photo, not square: ViTImageProcessor squashes it to 32 x 32 (no crop, so no rounding conventions).
+    photo = Image.fromarray(load_sample_image("china.jpg")[50:400, 60:560])
     vit = load_vit(folder, device="cpu")
     ours = np.asarray(_resize_crop(photo, vit.preprocess), dtype=np.float32) / 255.0
     ours = (ours - np.array(vit.preprocess.mean, dtype=np.float32)) / np.array(vit.preprocess.std, dtype=np.float32)

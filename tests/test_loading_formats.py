@@ -400,3 +400,51 @@ def test_preprocess_options_from_the_project_config(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     facts = json.loads(result.stdout)
     assert facts["mean"] == [0.25] * 3 and facts["crop_pct"] == 0.8
+
+
+def _vitlens_pixels(photo, preprocess):
+    import numpy as np
+
+    from vitlens.data import _resize_crop
+
+    x = np.asarray(_resize_crop(photo, preprocess), dtype=np.float32) / 255.0
+    x = (x - np.array(preprocess.mean, dtype=np.float32)) / np.array(preprocess.std, dtype=np.float32)
+    return torch.from_numpy(x).permute(2, 0, 1)  # [C, H, W]
+
+
+def _photo():
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+
+    return Image.fromarray(load_sample_image("china.jpg")[40:400, 80:440])  # a real photo, 360 x 360
+
+
+def test_timm_hub_preprocessing_equals_timms_own_transform(tmp_path):
+    import timm
+    from timm.data import create_transform, resolve_data_config
+    from timm.models._hub import save_for_hf
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, num_classes=0).eval()
+    model.pretrained_cfg = {
+        **model.pretrained_cfg,
+        "mean": (0.2, 0.3, 0.4),
+        "crop_pct": 0.8,
+        "interpolation": "bilinear",
+    }
+    save_for_hf(model, tmp_path / "hub", model_args={"img_size": 64}, safe_serialization=True)
+    vit = load_vit(tmp_path / "hub", device="cpu")
+    theirs = create_transform(**resolve_data_config({"input_size": (3, 64, 64)}, model=model))(_photo())
+    torch.testing.assert_close(_vitlens_pixels(_photo(), vit.preprocess), theirs, atol=1e-5, rtol=0)
+
+
+def test_torchvision_default_preprocessing_equals_the_weights_transforms(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+
+    model = torchvision.models.VisionTransformer(
+        image_size=224, patch_size=16, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=64
+    )
+    torch.save(model.state_dict(), tmp_path / "vit.pth")
+    vit = load_vit(tmp_path / "vit.pth", num_heads=2, device="cpu")
+    assert any(k.startswith("mean/std") for k in vit.guessed)  # said, and what is said is the V1 transform:
+    theirs = torchvision.models.ViT_B_16_Weights.IMAGENET1K_V1.transforms()(_photo())
+    torch.testing.assert_close(_vitlens_pixels(_photo(), vit.preprocess), theirs, atol=1e-5, rtol=0)
