@@ -81,7 +81,7 @@ def _rollout(vit, dataset, batch_size: int) -> Callable[[], None]:
 
 
 def _features(vit, dataset, batch_size: int) -> Callable[[], None]:
-    from vitlens.fewshot import extract_features
+    from vitlens.features import extract_features
 
     return lambda: extract_features(vit, dataset, batch_size=batch_size)
 

@@ -31,7 +31,8 @@ def compare(
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from vitlens.fewshot import cached_features, fewshot_lsr, shot_indices
+    from vitlens.analysis.fewshot import fewshot_lsr, shot_indices
+    from vitlens.feature_cache import cached_features
 
     started = time.perf_counter()
     (train_feats, train_status), (test_feats, test_status) = (

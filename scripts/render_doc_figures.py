@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 
 from vitlens.analysis import filter_pca, position_similarity
+from vitlens.analysis.fewshot import fewshot_lsr
 from vitlens.attention import mean_attention_distance_for, rollout_for
 from vitlens.data import open_dataset
-from vitlens.fewshot import extract_features, fewshot_lsr
+from vitlens.features import extract_features
 from vitlens.models import load_vit
 from vitlens.plotting.attention_distance import attention_distance_figure
 from vitlens.plotting.fewshot import fewshot_figure

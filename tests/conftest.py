@@ -86,3 +86,11 @@ def assert_one_line_error(result, code: int, needle: str) -> None:
     assert len(errors) == 1 and needle in errors[0], result.stderr
     assert result.stderr.rstrip().endswith(errors[0].rstrip()), result.stderr
     assert "Traceback" not in result.output and result.stdout == ""
+
+
+@pytest.fixture(scope="session")
+def demo():
+    """The embedded demo model on the CPU, loaded once for the session (analyses never change it)."""
+    from vitlens.models import load_vit
+
+    return load_vit("demo", device="cpu")

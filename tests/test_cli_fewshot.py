@@ -11,9 +11,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from tests.conftest import assert_one_line_error, fixture_checkpoint, native_kwargs
+from vitlens.analysis.fewshot import fewshot_lsr
 from vitlens.cli.app import app
 from vitlens.data import open_dataset
-from vitlens.fewshot import extract_features, fewshot_lsr
+from vitlens.features import extract_features
 from vitlens.models import ViT, load_vit
 from vitlens.models.load import demo_checkpoint_path
 
@@ -122,7 +123,7 @@ def test_auto_l2_table_allow_fewer_test_data_and_svg(tmp_path):
     assert data["l2"] == "auto" and data["feature"] == "cls" and data["layers"] == [1]
     assert data["num_test"] == 12 and data["num_classes"] == 3 and data["classes"] == ["ant", "bee", "cow"]
     assert data["allow_fewer"] is True and data["short_classes"] == {"bee": 2}  # 3 images, 80/20 hold-out: 2 left
-    assert "--allow-fewer" in result.stderr and "'bee' (2)" in result.stderr
+    assert "fewer than 4 training examples in class 'bee' (2): using all" in result.stderr
     assert all(2.0**-2 <= r["l2"] <= 2.0**16 for r in data["results"])
     assert (tmp_path / "out" / "fewshot.svg").read_text().lstrip().startswith("<?xml")
 

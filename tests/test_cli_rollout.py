@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 from tests.conftest import assert_one_line_error, fixture_checkpoint, native_kwargs
 from vitlens.attention import head_attention_for, rollout_for
 from vitlens.cli.app import app
-from vitlens.cli.rollout import unique_stems
 from vitlens.data import open_dataset
+from vitlens.definitions.rollout import unique_stems
 from vitlens.models import load_vit
 
 runner = CliRunner()
@@ -164,7 +164,7 @@ def test_unique_stems():
         (["{notes}"], 1, "cannot read image"),
         (["{missing}"], 1, "image file not found"),
         (["{cat}", "--target", "dist"], 1, "no 'dist' token"),
-        (["{cat}", "--target", "middle"], 2, "unknown target"),
+        (["{cat}", "--target", "middle"], 2, "--target must be cls, dist, reg:N or mean-patch"),
         (["{cat}", "--discard-ratio", "1"], 2, "--discard-ratio must be in [0, 1)"),
         (["{cat}", "--discard-ratio", "-0.1"], 2, "--discard-ratio must be in [0, 1)"),
         (["{cat}", "--start-layer", "2"], 2, "--start-layer 2 is out of range"),

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from vitlens.data import Batch, ImageDataset, iterate_batches, known_datasets, open_dataset
-from vitlens.errors import UsageError, VitlensError
+from vitlens.errors import ParameterError, UsageError, VitlensError
 from vitlens.layout import Preprocess
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -452,8 +452,9 @@ def test_num_images_more_than_available_uses_all(tmp_path, caplog):
 
 @pytest.mark.parametrize("n", [0, -3])
 def test_num_images_must_be_positive(n):
-    with pytest.raises(UsageError, match="--num-images"):
+    with pytest.raises(ParameterError, match="num_images must be a positive number") as info:
         open_dataset("digits", identity(1), num_images=n)
+    assert info.value.param == "num_images" and isinstance(info.value, ValueError)
 
 
 # ---------------------------------------------------------------- errors
@@ -486,7 +487,7 @@ def test_bad_options_are_usage_errors():
     ds = open_dataset("digits", identity(1, (8, 8)), num_images=5)
     with pytest.raises(UsageError, match="--batch-size"):
         iterate_batches(ds, batch_size=0)
-    with pytest.raises(UsageError, match="--split"):
+    with pytest.raises(ParameterError, match="split must be one of"):
         open_dataset("digits", identity(1), split="validation")
     with pytest.raises(UsageError, match="no image files"):
         open_dataset([], identity(3))

@@ -18,7 +18,7 @@ import torch
 
 from tests.conftest import make_vit
 from vitlens import attention, data
-from vitlens import fewshot as fewshot_module
+from vitlens import features as fewshot_module
 from vitlens.analysis import (
     attention_rollout,
     cls_attention_per_head,
@@ -26,8 +26,9 @@ from vitlens.analysis import (
     mean_attention_distance,
     position_similarity,
 )
+from vitlens.analysis.fewshot import fewshot_lsr
 from vitlens.attention import head_attention_for, mean_attention_distance_for, rollout_for
-from vitlens.fewshot import extract_features, fewshot_lsr
+from vitlens.features import extract_features
 from vitlens.layout import Preprocess, TokenLayout
 from vitlens.models.vit import ViT
 

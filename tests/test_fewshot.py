@@ -15,23 +15,21 @@ from PIL import Image
 from sklearn.linear_model import Ridge
 
 from tests.conftest import make_vit, save_fixture
-from vitlens.data import open_dataset
-from vitlens.errors import UsageError, VitlensError
-from vitlens.fewshot import (
+from vitlens.analysis.fewshot import (
     AUTO_L2_GRID,
     BIAS_FEATURE,
     RidgeEigen,
-    cache_path,
-    cached_features,
     check_shot_pool,
-    extract_features,
-    feature_cache_key,
     fewshot_lsr,
     ridge_weights,
     shot_indices,
     shot_statistics,
     standardize_and_augment,
 )
+from vitlens.data import open_dataset
+from vitlens.errors import UsageError, VitlensError
+from vitlens.feature_cache import cache_path, cached_features, feature_cache_key
+from vitlens.features import extract_features
 from vitlens.layout import Preprocess
 from vitlens.models import ViT, load_vit
 
@@ -458,7 +456,8 @@ def test_models_without_identity_are_not_cached_and_unwritable_caches_only_warn(
 
 
 def test_library_imports_neither_cli_nor_plotting():
-    code = "import sys, vitlens.fewshot; print(sorted(m for m in ('matplotlib', 'typer', 'rich') if m in sys.modules))"
+    modules = "vitlens.analysis.fewshot, vitlens.features, vitlens.feature_cache"
+    code = f"import sys, {modules}; print(sorted(m for m in ('matplotlib', 'typer', 'rich') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

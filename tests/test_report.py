@@ -176,9 +176,20 @@ def test_report_library_imports_no_cli_or_plotting():
 
 def test_parse_sections_keeps_report_order():
     from vitlens.errors import UsageError
-    from vitlens.report import SECTIONS, parse_sections
+    from vitlens.report import parse_sections, section_names
 
-    assert parse_sections(None) == SECTIONS
+    assert (
+        parse_sections(None)
+        == section_names()
+        == (
+            "info",
+            "filters",
+            "pos-sim",
+            "attention-distance",
+            "rollout",
+            "fewshot",
+        )
+    )
     assert parse_sections("fewshot, info") == ("info", "fewshot")
     with pytest.raises(UsageError):
         parse_sections(" , ")

@@ -15,16 +15,19 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from vitlens.errors import UsageError, VitlensError
+from vitlens.errors import ParameterError, UsageError, VitlensError
 from vitlens.layout import Preprocess
 from vitlens.log import logger
+
+if TYPE_CHECKING:
+    from vitlens.models.vit import ViT
 
 Split = Literal["train", "test", "all"]
 SPLITS: tuple[str, ...] = ("train", "test", "all")
@@ -649,7 +652,7 @@ def _subset(labels: np.ndarray | None, total: int, n: int, seed: int) -> np.ndar
 
 def open_dataset(
     spec: str | os.PathLike | Sequence[str | os.PathLike],
-    preprocess: Preprocess,
+    preprocess: Preprocess | ViT,
     *,
     split: Split = "test",
     num_images: int | None = None,
@@ -662,7 +665,7 @@ def open_dataset(
 
     Args:
         spec: a name from :func:`known_datasets`, a folder, an image file, or a sequence of image files.
-        preprocess: the model's input geometry and normalisation.
+        preprocess: the model's input geometry and normalisation, or the model itself (its ``preprocess``).
         split: ``train``, ``test`` or ``all``. Data without an official split (digits, a plain ImageFolder) is
             split 80/20, stratified, with a fixed seed; unlabelled data ignores it.
         num_images: take this many, stratified by class when labelled, chosen with ``seed``; None for all.
@@ -672,13 +675,14 @@ def open_dataset(
         require_labels: fail early if the data has no labels.
 
     Raises:
-        UsageError: bad ``split`` or ``num_images``.
+        ParameterError: bad ``split`` or ``num_images``.
         VitlensError: unknown spec, missing dataset files, a folder without images, or no labels when required.
     """
+    preprocess = getattr(preprocess, "preprocess", preprocess)  # a ViT: its preprocessing
     if split not in SPLITS:
-        raise UsageError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}")
+        raise ParameterError("split", f"split must be one of {', '.join(SPLITS)}, not {split!r}")
     if num_images is not None and num_images <= 0:
-        raise UsageError(f"--num-images must be a positive number, not {num_images}")
+        raise ParameterError("num_images", f"num_images must be a positive number, not {num_images}")
     _check_preprocess(preprocess)
     source = _resolve_source(spec, split, data_root, download)
     if require_labels and source.labels is None:

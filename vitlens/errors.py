@@ -16,6 +16,24 @@ class VitlensError(Exception):
     exit_code = 1
 
 
+class ParameterError(VitlensError, ValueError):
+    """A library argument the caller gave is out of range or of the wrong kind.
+
+    The message speaks the parameter's name (``num_images must be at least 1, not 0``); the CLI rewrites that name
+    into its flag (``--num-images``) in one place and exits with 2, as for any bad command line.
+    """
+
+    exit_code = 2
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class NotApplicable(VitlensError):
+    """An analysis that does not apply to this model or data (few-shot on unlabelled images): the report skips it."""
+
+
 class UsageError(VitlensError):
     """The command line itself is wrong (bad option value, conflicting options): exit code 2."""
 

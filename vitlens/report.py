@@ -8,29 +8,29 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 import platform
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from vitlens.errors import UsageError, VitlensError
+from vitlens import defaults
+from vitlens.errors import NotApplicable, UsageError, VitlensError
+from vitlens.result import finite
 
 if TYPE_CHECKING:
     from vitlens.data import ImageDataset
     from vitlens.models.vit import ViT
 
-SECTIONS = ("info", "filters", "pos-sim", "attention-distance", "rollout", "fewshot")
 Status = Literal["ok", "failed", "skipped"]
 
-# Modest defaults so that the whole report on the demo model and digits takes about a minute on two CPU cores.
-DEFAULT_NUM_IMAGES = 128  # attention distance: the ViT paper's App. D.7 averaged over 128 images
-DEFAULT_ROLLOUT_IMAGES = 6
-DEFAULT_SHOTS = (1, 5, 10)  # big_vision's 1, 5, 10 (25 left out: digits' test split is small and it adds time)
-DEFAULT_SEEDS = 3
-DEFAULT_L2 = 1024.0  # big_vision's fewshot_lsr l2_reg 2**10
+
+def section_names() -> tuple[str, ...]:
+    """The report's sections in order: ``info``, then every registered analysis."""
+    from vitlens.registry import definitions
+
+    return ("info", *(d.name for d in definitions()))
 
 
 @dataclass(frozen=True)
@@ -81,25 +81,22 @@ class ReportResult:
         return not self.failed
 
 
-class _Skip(Exception):
-    """A section that does not apply to this model or data (not an error)."""
-
-
 def parse_sections(value: str | Sequence[str] | None) -> tuple[str, ...]:
     """``"info,filters"`` (or a list of such) as section names in report order; None for all.
 
     Raises:
         UsageError: an unknown name.
     """
+    sections = section_names()
     if value is None:
-        return SECTIONS
+        return sections
     parts = [value] if isinstance(value, str) else list(value)
     names = {p.strip().lower() for part in parts for p in part.split(",") if p.strip()}
-    unknown = sorted(names - set(SECTIONS))
+    unknown = sorted(names - set(sections))
     if unknown or not names:
         shown = ", ".join(unknown) if unknown else "(none)"
-        raise UsageError(f"--sections: unknown section {shown}; choose from {', '.join(SECTIONS)}")
-    return tuple(s for s in SECTIONS if s in names)
+        raise UsageError(f"--sections: unknown section {shown}; choose from {', '.join(sections)}")
+    return tuple(s for s in sections if s in names)
 
 
 @dataclass
@@ -147,11 +144,11 @@ def build_report(
     sections: Sequence[str] | None = None,
     out: str | Path = "vitlens-report",
     split: str = "test",
-    num_images: int | None = DEFAULT_NUM_IMAGES,
-    rollout_images: int = DEFAULT_ROLLOUT_IMAGES,
-    shots: Sequence[int] = DEFAULT_SHOTS,
-    seeds: int = DEFAULT_SEEDS,
-    l2: float | str = DEFAULT_L2,
+    num_images: int | None = defaults.REPORT_NUM_IMAGES,
+    rollout_images: int = defaults.REPORT_ROLLOUT_IMAGES,
+    shots: Sequence[int] = defaults.REPORT_SHOTS,
+    seeds: int = defaults.REPORT_SEEDS,
+    l2: float | str = defaults.REPORT_L2,
     batch_size: int | None = None,
     data_root: str | Path | None = None,
     download: bool = False,
@@ -166,7 +163,7 @@ def build_report(
     Args:
         data: data spec for attention distance, rollout (unless ``images``) and few-shot (if labelled).
         images: image files (or one folder) for rollout instead of ``rollout_images`` images of ``data``.
-        sections: names from :data:`SECTIONS`; None for all.
+        sections: names from :func:`section_names`; None for all.
         num_images: attention-distance images (stratified subset of ``split``); None for all.
         shots, seeds, l2: the few-shot protocol (shots from the train split of ``data``, scored on its test split).
         on_section: called as ``on_section(name, done, total)`` before each section, and ``("", total, total)`` last.
@@ -204,10 +201,11 @@ def build_report(
         results.append(_run_section(name, run))
     if on_section is not None:
         on_section("", len(chosen), len(chosen))
-    for name in SECTIONS:
+    order = section_names()
+    for name in order:
         if name not in chosen:
             results.append(SectionResult(name, "skipped", error="not selected with --sections"))
-    results.sort(key=lambda r: SECTIONS.index(r.name))
+    results.sort(key=lambda r: order.index(r.name))
 
     card = _describe(vit)
     summary = {
@@ -222,7 +220,7 @@ def build_report(
         "versions": versions(),
         "sections": {r.name: r.to_dict() for r in results},
     }
-    summary = _finite(summary)
+    summary = finite(summary)
     files = [
         write_json(out / "summary.json", summary),
         write_text(out / "report.md", render_markdown(summary, card)),
@@ -235,8 +233,8 @@ def build_report(
 def _run_section(name: str, run: _Run) -> SectionResult:
     started = time.perf_counter()
     try:
-        summary, files, key = _SECTION_RUNNERS[name](run)
-    except _Skip as e:
+        summary, files, key = _info(run) if name == "info" else _analysis(name, run)
+    except NotApplicable as e:
         return SectionResult(name, "skipped", time.perf_counter() - started, error=str(e))
     except VitlensError as e:
         return SectionResult(name, "failed", time.perf_counter() - started, error=_one_line(str(e)))
@@ -246,7 +244,7 @@ def _run_section(name: str, run: _Run) -> SectionResult:
         logger.debug("section %s failed", name, exc_info=True)
         message = f"{type(e).__name__}: {_one_line(str(e))}" if str(e).strip() else type(e).__name__
         return SectionResult(name, "failed", time.perf_counter() - started, error=message)
-    return SectionResult(name, "ok", time.perf_counter() - started, _finite(summary), run.rel(files), key=key)
+    return SectionResult(name, "ok", time.perf_counter() - started, finite(summary), run.rel(files), key=key)
 
 
 def _one_line(message: str) -> str:
@@ -268,167 +266,16 @@ def _info(run: _Run) -> SectionOutput:
         k: facts[k] for k in ("arch", "num_params", "depth", "num_heads", "embed_dim", "grid_size", "patch_size")
     }
     key = f"{facts['arch']}: {facts['num_params'] / 1e6:.2f} M parameters, {facts['depth']} layers"
-    return summary, [write_json(run.out / "info.json", _finite(facts))], key
+    return summary, [write_json(run.out / "info.json", finite(facts))], key
 
 
-def _filters(run: _Run) -> SectionOutput:
-    import torch
+def _analysis(name: str, run: _Run) -> SectionOutput:
+    """A registered analysis as its definition runs it for the report, saved as its command saves it."""
+    from vitlens.registry import get
 
-    from vitlens.analysis.filters import filter_pca
-    from vitlens.outputs import save_filters
-
-    weight = run.vit.patch_projection()  # [D, C, ph, pw]
-    if not torch.isfinite(weight).all():
-        raise VitlensError("the patch projection has NaN/inf weights: its principal components are undefined")
-    d, c, ph, pw = weight.shape
-    result = filter_pca(weight, num_components=min(28, d, c * ph * pw))  # 28 as in the paper's Fig. 7
-    ratio = result.explained_variance_ratio  # [K]
-    summary = {
-        "num_components": result.num_components,
-        "cumulative_explained_variance": float(ratio.sum()),
-        "explained_variance_ratio": [float(r) for r in ratio],
-    }
-    payload = {"source": run.vit.source, "arch": run.vit.arch, "embed_dim": int(d), "in_chans": int(c)}
-    payload |= {"patch_size": [int(ph), int(pw)], **summary}
-    files = save_filters(result, run.out, payload=_finite(payload))
-    key = f"{result.num_components} components explain {100 * summary['cumulative_explained_variance']:.1f}%"
-    return {k: v for k, v in summary.items() if k != "explained_variance_ratio"}, files, key
-
-
-def _pos_sim(run: _Run) -> SectionOutput:
-    import torch
-
-    from vitlens.analysis.pos_sim import position_similarity
-    from vitlens.outputs import save_pos_sim
-
-    pos_embed = run.vit.position_embedding()  # [N_pos, D]; raises without a learned absolute embedding
-    if not torch.isfinite(pos_embed).all():
-        raise VitlensError("the position embedding has NaN/inf values: its similarities are undefined")
-    result = position_similarity(pos_embed, run.vit.layout)
-    full = {k: v for k, v in result.to_dict().items() if k != "similarity"}  # [H, W, H, W] goes to the NPZ
-    payload = {"source": run.vit.source, "arch": run.vit.arch, **full, "similarity_file": "pos_sim.npz"}
-    files = save_pos_sim(result, run.out, payload=_finite(payload))
-    summary = {
-        "grid_size": list(result.grid_size),
-        "row_col_score": full["row_col_score"],
-        "neighbour_minus_far": full["neighbour_minus_far"],
-    }
-    key = f"row/column score {_signed(summary['row_col_score'])}, near minus far {_signed(full['neighbour_minus_far'])}"
-    return summary, files, key
-
-
-def _attention_distance(run: _Run) -> SectionOutput:
-    from vitlens.attention import mean_attention_distance_for
-    from vitlens.outputs import save_attention_distance
-
-    dataset = run.open(run.data, split=run.split, num_images=run.num_images)
-    result = mean_attention_distance_for(run.vit, dataset, batch_size=run.batch_size)
-    per_layer = result.distance_px.mean(axis=1)  # [depth], mean over heads
-    payload = {**result.to_dict(), "source": run.vit.source, "data": dataset.spec, "depth": run.vit.depth}
-    payload |= {"num_heads": run.vit.num_heads, "prefix_tokens": list(run.vit.layout.prefix_kinds)}
-    files = save_attention_distance(result, run.out, payload=_finite(payload))
-    summary = {
-        "data": dataset.spec,
-        "num_images": result.num_images,
-        "uniform_px": float(result.uniform_px),
-        "mean_px_by_layer": [float(v) for v in per_layer],
-    }
-    key = (
-        f"layer 0: {per_layer[0]:.1f} px, layer {len(per_layer) - 1}: {per_layer[-1]:.1f} px "
-        f"(uniform {result.uniform_px:.1f} px, {result.num_images} images)"
-    )
-    return summary, files, key
-
-
-def _rollout(run: _Run) -> SectionOutput:
-    import numpy as np
-
-    from vitlens.attention import rollout_for
-    from vitlens.outputs import save_rollout, unique_stems
-
-    if run.images:
-        if len(run.images) == 1 and Path(run.images[0]).expanduser().is_dir():
-            dataset = run.open(run.images[0], split="all", num_images=None)
-        else:
-            dataset = run.open(run.images, split="all", num_images=None)
-    else:
-        dataset = run.open(run.data, split=run.split, num_images=run.rollout_images)
-    photos = [dataset.load_pil(i) for i in range(len(dataset))]
-    result = rollout_for(run.vit, dataset, batch_size=run.batch_size)
-    stems = unique_stems(dataset.names)
-    payload = {"images": list(dataset.names), "stems": stems, **result.to_dict(), "source": run.vit.source}
-    payload |= {"data": dataset.spec, "patch_size": list(run.vit.layout.patch_size)}
-    files = save_rollout(
-        result,
-        run.out,
-        photos=photos,
-        names=dataset.names,
-        stems=stems,
-        payload=_finite(payload),
-        grid_title=f"attention rollout ({result.target} token)",
-    )
-    summary = {
-        "num_images": len(dataset),
-        "target": result.target,
-        "mean_patch_mass": float(np.mean(result.patch_mass)),
-    }
-    key = f"{len(dataset)} images, {result.target} token, mean mass on patches {summary['mean_patch_mass']:.3f}"
-    return summary, files, key
-
-
-def _fewshot(run: _Run) -> SectionOutput:
-    from vitlens.fewshot import cached_features, check_shot_pool, fewshot_lsr, resolve_feature_layers
-    from vitlens.outputs import save_fewshot
-
-    pool = run.open(run.data, split="train", num_images=None)
-    if pool.labels is None or not pool.classes:
-        raise _Skip(f"{pool.spec} has no labels")
-    test = run.open(run.data, split="test", num_images=None, require_labels=True)
-    classes = list(pool.classes)
-    check_shot_pool(pool.labels, shots=run.shots, num_classes=len(classes), class_names=classes)
-    layers = resolve_feature_layers(run.vit, None, "pre-logits")
-    feats, cache = {}, {}
-    for part, dataset in (("train", pool), ("test", test)):  # features computed once, shared by every shot draw
-        feats[part], cache[part] = cached_features(
-            run.vit,
-            dataset,
-            layers=layers,
-            feature="pre-logits",
-            batch_size=run.batch_size,
-            cache_dir=run.cache_dir,
-            use_cache=run.use_cache,
-        )
-    result = fewshot_lsr(
-        feats["train"],
-        pool.labels,
-        feats["test"],
-        test.labels,
-        shots=run.shots,
-        seeds=run.seeds,
-        l2=run.l2,  # type: ignore[arg-type]
-        device=run.vit.device,
-        num_classes=len(classes),
-        class_names=classes,
-    )
-    result = replace(result, feature="pre-logits")
-    payload = {**result.to_dict(), "allow_fewer": False, "source": run.vit.source, "data": pool.spec}
-    payload |= {"test_data": test.spec, "classes": classes, "depth": run.vit.depth, "cache": cache}
-    files = save_fewshot(result, run.out, payload=_finite(payload))
-    mean = {str(s): float(result.mean[i, 0]) for i, s in enumerate(result.shots)}  # first (only) layer
-    summary = {"data": pool.spec, "seeds": len(result.seeds), "chance": float(result.chance), "mean_accuracy": mean}
-    last = result.shots[-1]
-    key = f"{last}-shot accuracy {100 * mean[str(last)]:.1f}% (chance {100 * result.chance:.1f}%)"
-    return summary, files, key
-
-
-_SECTION_RUNNERS: dict[str, Callable[[_Run], SectionOutput]] = {
-    "info": _info,
-    "filters": _filters,
-    "pos-sim": _pos_sim,
-    "attention-distance": _attention_distance,
-    "rollout": _rollout,
-    "fewshot": _fewshot,
-}
+    result = get(name).section(run)
+    files = result.save(run.out)
+    return finite(result.key_numbers()), files, result.summary()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -452,22 +299,9 @@ def versions() -> dict[str, str]:
 
 def _describe(vit: ViT) -> dict[str, Any]:
     try:
-        return _finite(vit.describe())
+        return finite(vit.describe())
     except Exception:  # the model card is decoration; the info section reports a real failure
         return {"source": vit.source}
-
-
-def _finite(obj: Any) -> Any:
-    """``obj`` with non-finite floats as None and numpy scalars as Python numbers (JSON has no NaN)."""
-    if isinstance(obj, dict):
-        return {str(k): _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def _signed(value: float | None) -> str:

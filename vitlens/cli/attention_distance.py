@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from vitlens import defaults
 from vitlens.cli.console import out_console, print_json, progress_bar, run_metadata
 from vitlens.cli.options import (
     ArchOpt,
@@ -34,16 +35,12 @@ from vitlens.cli.options import (
     SplitOpt,
     StdOpt,
     check_format,
-    check_num_images,
 )
 from vitlens.device import resolve_batch_size
 
 if TYPE_CHECKING:
     from vitlens.analysis.attention_distance import AttentionDistance
     from vitlens.models.vit import ViT
-
-# ViT paper App. D.7: "averaged over 128 example images".
-PAPER_NUM_IMAGES = 128
 
 RenormalizeOpt = Annotated[
     bool,
@@ -71,11 +68,11 @@ def attention_distance(
     interpolation: InterpolationOpt = None,
     data: DataOpt = "digits",
     split: SplitOpt = "test",
-    num_images: NumImagesOpt = PAPER_NUM_IMAGES,
+    num_images: NumImagesOpt = defaults.ATTENTION_DISTANCE_NUM_IMAGES,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     batch_size: BatchSizeOpt = None,
-    renormalize: RenormalizeOpt = True,
+    renormalize: RenormalizeOpt = defaults.ATTENTION_DISTANCE_RENORMALIZE,
     out: OutOpt = Path("vitlens-out"),
     fmt: FormatOpt = "png",
     json_: JsonOpt = False,
@@ -85,12 +82,10 @@ def attention_distance(
 
     Writes attention_distance.{png,csv,npz,json} to --out. The paper averaged over 128 images.
     """
-    from vitlens.attention import mean_attention_distance_for
     from vitlens.data import open_dataset
-    from vitlens.outputs import save_attention_distance
+    from vitlens.definitions.attention_distance import attention_distance as compute
 
     started = time.perf_counter()
-    check_num_images(num_images)
     fmt = check_format(fmt)
     vit = ModelOptions.of(locals()).load()
     batch_size = resolve_batch_size(batch_size, vit.device)
@@ -98,24 +93,13 @@ def attention_distance(
         data, vit.preprocess, split=split, num_images=num_images, data_root=data_root, download=download
     )
     with progress_bar("attention distance", enabled=not quiet) as progress:
-        result = mean_attention_distance_for(
-            vit, dataset, batch_size=batch_size, renormalize=renormalize, progress=progress
-        )
-
-    payload = {
-        **result.to_dict(),
-        "source": vit.source,
-        "data": dataset.spec,
-        "depth": vit.depth,
-        "num_heads": vit.num_heads,
-        "prefix_tokens": list(vit.layout.prefix_kinds),
-    }
+        result = compute(vit, dataset, batch_size=batch_size, renormalize=renormalize, progress=progress)
     meta = run_metadata(started, command="attention-distance", device=str(vit.device), batch_size=batch_size)
-    files = save_attention_distance(result, out, payload={**payload, "meta": meta}, fmt=fmt)
+    files = result.save(out, fmt, meta=meta)
     if json_:
-        print_json({**payload, "files": [str(f) for f in files], "meta": meta})
+        print_json({**result.to_dict(), "files": [str(f) for f in files], "meta": meta})
     elif not quiet:
-        _summarise(result, vit, dataset.spec, out, files)
+        _summarise(result.distance, vit, result.data, out, files)
 
 
 def _summarise(result: AttentionDistance, vit: ViT, spec: str, out: Path, files: list[Path]) -> None:

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from vitlens.errors import Interrupted, VitlensError
+from vitlens.errors import Interrupted, ParameterError, VitlensError
 from vitlens.log import logger
 
 
@@ -83,6 +83,28 @@ def fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
+# Library parameters whose flag is not simply ``--`` + the name with dashes.
+PARAMETER_FLAGS = {
+    "num_components": "--components",
+    "fmt": "--format",
+    "layers": "--layer",
+    "per_head_layer": "--layer",
+}
+
+
+def flag_for(param: str) -> str:
+    """The CLI flag of a library parameter: ``num_images`` -> ``--num-images``."""
+    return PARAMETER_FLAGS.get(param, "--" + param.replace("_", "-"))
+
+
+def cli_message(error: VitlensError) -> str:
+    """The error's message in the CLI's words: a :class:`ParameterError` names the flag, not the parameter."""
+    message = str(error)
+    if isinstance(error, ParameterError) and error.param:
+        message = message.replace(error.param, flag_for(error.param), 1)
+    return message
+
+
 def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """Turn user-caused errors into one line on stderr and an exit code; Ctrl-C into exit 130.
 
@@ -99,7 +121,7 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         except VitlensError as e:
             if debug_enabled():
                 raise
-            raise fail(str(e), e.exit_code) from None
+            raise fail(cli_message(e), e.exit_code) from None
         except KeyboardInterrupt:
             if debug_enabled():
                 raise

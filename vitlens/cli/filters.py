@@ -30,7 +30,6 @@ from vitlens.cli.options import (
     StdOpt,
     check_format,
 )
-from vitlens.errors import UsageError, VitlensError
 
 if TYPE_CHECKING:
     from vitlens.analysis.filters import FilterPCA
@@ -71,53 +70,18 @@ def filters(
 
     Writes filters.{png,npz,json} to --out. Each component's sign is arbitrary: inverted colours are the same component.
     """
-    import torch
-
-    from vitlens.analysis.filters import filter_pca
-    from vitlens.log import logger
-    from vitlens.outputs import save_filters
+    from vitlens.definitions.filters import filters as compute
 
     started = time.perf_counter()
     fmt = check_format(fmt)
-    if components is not None and components < 1:
-        raise UsageError(f"--components must be at least 1, got {components}")
     vit = ModelOptions.of(locals()).load()
-    weight = vit.patch_projection()  # [D, C, ph, pw]; raises for hybrid / conv-stem patch embeddings
-    if not torch.isfinite(weight).all():
-        raise VitlensError("the patch projection has NaN/inf weights: its principal components are undefined")
-    d, c, ph, pw = weight.shape
-    available = min(d, c * ph * pw)  # a centred D x (C*ph*pw) matrix has at most this many components
-    if components is not None and components > available:
-        if not quiet:
-            logger.warning(
-                "--components %d: only %d components exist (%d filters of %d values); showing all of them",
-                components,
-                available,
-                d,
-                c * ph * pw,
-            )
-        components = available
-    result = filter_pca(weight, num_components=components)
-
-    ratio = result.explained_variance_ratio  # [K]
-    payload: dict[str, Any] = {
-        "source": vit.source,
-        "arch": vit.arch,
-        "embed_dim": int(d),
-        "in_chans": int(c),
-        "patch_size": [int(ph), int(pw)],
-        "num_components": result.num_components,
-        "available_components": int(available),
-        "components_shape": list(result.components.shape),
-        "explained_variance_ratio": [float(r) for r in ratio],
-        "cumulative_explained_variance": float(ratio.sum()),
-    }
+    result = compute(vit, num_components=components)
     meta = run_metadata(started, command="filters", device=str(vit.device))
-    files = save_filters(result, out, payload={**payload, "meta": meta}, fmt=fmt)
+    files = result.save(out, fmt, meta=meta)
     if json_:
-        print_json({**payload, "files": [str(f) for f in files], "meta": meta})
+        print_json({**result.to_dict(), "files": [str(f) for f in files], "meta": meta})
     elif not quiet:
-        _summarise(result, payload, out, files)
+        _summarise(result.pca, result.to_dict(), out, files)
 
 
 def _summarise(result: FilterPCA, payload: dict[str, Any], out: Path, files: list[Path]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from vitlens.cli.console import out_console, print_json, run_metadata
 from vitlens.cli.options import (
@@ -27,7 +27,6 @@ from vitlens.cli.options import (
     StdOpt,
     check_format,
 )
-from vitlens.errors import VitlensError
 
 if TYPE_CHECKING:
     from vitlens.analysis.pos_sim import PositionSimilarity
@@ -57,61 +56,26 @@ def pos_sim(
 
     Writes pos_sim.{png,npz,json} to --out. With --img-size the embeddings are first resampled to that input size.
     """
-    import torch
-
-    from vitlens.analysis.pos_sim import position_similarity
-    from vitlens.outputs import save_pos_sim
+    from vitlens.definitions.pos_sim import json_array
+    from vitlens.definitions.pos_sim import pos_sim as compute
 
     started = time.perf_counter()
     fmt = check_format(fmt)
     vit = ModelOptions.of(locals()).load()
-    pos_embed = vit.position_embedding()  # [N_pos, D]; raises when there is no learned absolute embedding
-    if not torch.isfinite(pos_embed).all():
-        raise VitlensError("the position embedding has NaN/inf values: its similarities are undefined")
-    result = position_similarity(pos_embed, vit.layout)
-
-    summary = _summary(result)
-    payload: dict[str, Any] = {
-        "source": vit.source,
-        "arch": vit.arch,
-        "img_size": list(vit.layout.img_size),
-        "patch_size": list(vit.layout.patch_size),
-        **summary,
-    }
+    result = compute(vit)
     meta = run_metadata(started, command="pos-sim", device=str(vit.device))
-    # The file keeps the summaries; the [H, W, H, W] array (1.9 M numbers at 37 x 37) lives in pos_sim.npz.
-    files = save_pos_sim(result, out, payload={**payload, "similarity_file": "pos_sim.npz", "meta": meta}, fmt=fmt)
+    files = result.save(out, fmt, meta=meta)
     if json_:
+        # The terminal's JSON carries the [H, W, H, W] array itself instead of the name of the file holding it.
+        payload = {k: v for k, v in result.to_dict().items() if k != "similarity_file"}
         print_json(
-            {**payload, "similarity": _json_array(result.similarity), "files": [str(f) for f in files], "meta": meta}
+            {**payload, "similarity": json_array(result.sim.similarity), "files": [str(f) for f in files], "meta": meta}
         )
     elif not quiet:
-        _summarise(result, payload, out, files)
+        _summarise(result.sim, result.source, out, files)
 
 
-def _summary(result: PositionSimilarity) -> dict[str, Any]:
-    """The JSON-safe comparison numbers (what :meth:`PositionSimilarity.to_dict` gives, without the array)."""
-    return {
-        "grid_size": list(result.grid_size),
-        "similarity_by_distance": {
-            "distance": result.distances.tolist(),
-            "mean_similarity": _json_array(result.similarity_by_distance),
-            "num_pairs": result.pairs_by_distance.tolist(),
-        },
-        "row_col_score": None if result.row_col_score is None else _json_array(result.row_col_score),
-        "neighbour_minus_far": None if result.neighbour_minus_far is None else _json_array(result.neighbour_minus_far),
-    }
-
-
-def _json_array(values: Any) -> Any:
-    """A number or numpy array as (nested lists of) floats, non-finite values as ``None`` (JSON has no NaN)."""
-    import numpy as np
-
-    arr = np.asarray(values, dtype=np.float64)
-    return np.where(np.isfinite(arr), arr, None).tolist()
-
-
-def _summarise(result: PositionSimilarity, payload: dict[str, Any], out: Path, files: list[Path]) -> None:
+def _summarise(result: PositionSimilarity, source: str, out: Path, files: list[Path]) -> None:
     from rich.table import Table
 
     h, w = result.grid_size
@@ -128,7 +92,7 @@ def _summarise(result: PositionSimilarity, payload: dict[str, Any], out: Path, f
             str(int(result.distances[m])), f"{result.similarity_by_distance[m]:.3f}", str(result.pairs_by_distance[m])
         )
     console = out_console()
-    console.print(f"[bold]position embedding similarity[/] of {payload['source']}: {h}x{w} patches")
+    console.print(f"[bold]position embedding similarity[/] of {source}: {h}x{w} patches")
     console.print(table)
     far = int(result.distances[-1])
     row_col = (

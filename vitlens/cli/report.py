@@ -37,13 +37,14 @@ from vitlens.cli.options import (
 )
 from vitlens.device import resolve_batch_size
 from vitlens.errors import UsageError
+from vitlens.registry import definitions
 
 if TYPE_CHECKING:
     from vitlens.report import ReportResult
 
 REPORT_PANEL = "Report"
-# Kept here rather than imported from vitlens.report, so that `vitlens --help` imports no analysis code.
-SECTION_NAMES = "info, filters, pos-sim, attention-distance, rollout, fewshot"
+# From the registry: its definition modules import no torch or matplotlib, so `--help` stays fast.
+SECTION_NAMES = ", ".join(("info", *(d.name for d in definitions())))
 
 SectionsOpt = Annotated[
     str | None,

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-    from vitlens.fewshot import FewShotResult
+    from vitlens.analysis.fewshot import FewShotResult
 
 FigureKind = Literal["curves", "heatmap"]
 _MAX_CURVES = 6  # more layers than this read better as a heat map
@@ -37,7 +37,7 @@ def plot_fewshot_curves(result: FewShotResult, *, ax: Axes | None = None) -> Axe
     The x axis is logarithmic with a tick at every shots value; a dashed line marks chance (1/K).
 
     Args:
-        result: from :func:`vitlens.fewshot.fewshot_lsr`.
+        result: from :func:`vitlens.analysis.fewshot.fewshot_lsr`.
         ax: where to draw; a new figure's axes when None.
 
     Returns:
@@ -77,7 +77,7 @@ def plot_fewshot_heatmap(result: FewShotResult, *, ax: Axes | None = None) -> Ax
     written in the cells when there are few enough.
 
     Args:
-        result: from :func:`vitlens.fewshot.fewshot_lsr`.
+        result: from :func:`vitlens.analysis.fewshot.fewshot_lsr`.
         ax: where to draw; a new figure's axes when None.
 
     Returns:
@@ -105,14 +105,27 @@ def plot_fewshot_heatmap(result: FewShotResult, *, ax: Axes | None = None) -> Ax
     return ax
 
 
+def figure_kind(result: FewShotResult, kind: FigureKind | None = None) -> FigureKind:
+    """``kind``, or when None the heat map for more than a few layers and the curves otherwise."""
+    if kind is None:
+        return "heatmap" if len(result.layers) > _MAX_CURVES else "curves"
+    return kind
+
+
+def plot_fewshot(result: FewShotResult, *, ax: Axes | None = None, kind: FigureKind | None = None) -> Axes:
+    """:func:`plot_fewshot_curves` or :func:`plot_fewshot_heatmap` (``kind`` as in :func:`fewshot_figure`)."""
+    if figure_kind(result, kind) == "heatmap":
+        return plot_fewshot_heatmap(result, ax=ax)
+    return plot_fewshot_curves(result, ax=ax)
+
+
 def fewshot_figure(result: FewShotResult, *, kind: FigureKind | None = None) -> Figure:
     """A new figure with :func:`plot_fewshot_curves` or :func:`plot_fewshot_heatmap`, in vitlens' style.
 
     Args:
         kind: ``curves`` or ``heatmap``; None picks the heat map for more than a few layers.
     """
-    if kind is None:
-        kind = "heatmap" if len(result.layers) > _MAX_CURVES else "curves"
+    kind = figure_kind(result, kind)
     with vitlens_style():
         if kind == "heatmap":
             fig = new_figure(5.2, max(2.6, 1.2 + 0.28 * len(result.layers)))

@@ -93,6 +93,32 @@ def plot_rollout(
     return ax
 
 
+def plot_rollout_map(
+    attention_map: np.ndarray, *, ax: Axes | None = None, title: str | None = None, vmax: float | None = 1.0
+) -> Axes:
+    """Draw ``attention_map`` ``[H, W]`` alone, one square per patch (for maps whose photo is not at hand).
+
+    Args:
+        attention_map: patch-resolution map, e.g. a rollout map scaled to max 1.
+        ax: where to draw; a new figure's axes when None.
+        title: axes title.
+        vmax: top of the colour scale; None for the map's own maximum.
+
+    Returns:
+        The axes drawn on; the heat map is ``ax.images[-1]`` (for a colour bar).
+    """
+    if ax is None:
+        with vitlens_style():
+            ax = new_figure(2.2, 2.2).add_subplot()
+    m = np.asarray(attention_map, dtype=np.float64)  # [H, W]
+    top = float(m.max()) if vmax is None else vmax
+    ax.imshow(m, cmap=CMAP, vmin=0.0, vmax=top if top > 0 else 1.0, interpolation="nearest")
+    _clean(ax)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
 def _wrap(text: str, width_in: float) -> str:
     """Break a suptitle into lines that fit a figure ``width_in`` inches wide (about 13 characters per inch at 9 pt)."""
     return textwrap.fill(text, width=max(int(width_in * 13), 20))
@@ -144,6 +170,30 @@ def rollout_grid_figure(
             plot_photo(images[k], ax=top)
             top.set_title(_short(names[k], 16), fontsize=7)
             plot_rollout(images[k], maps[k], ax=bottom)
+        if title:
+            fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def rollout_map_grid_figure(maps: np.ndarray, names: Sequence[str], *, max_columns: int = 8, title: str = "") -> Figure:
+    """All maps ``[B, H, W]`` in one figure, without photos (a rollout read back from its files); wraps after
+    ``max_columns``."""
+    n = len(maps)
+    cols = min(n, max_columns)
+    rows = math.ceil(n / cols)
+    width = cols * _TILE * 0.8 + 0.2
+    title = _wrap(title, width) if title else ""
+    with vitlens_style():
+        tile_h = _TILE * 0.8 * maps.shape[1] / maps.shape[2] + 0.2  # + the name above the map
+        fig = new_figure(width, rows * tile_h + 0.2 * (title.count("\n") + 1 if title else 0))
+        axes = np.asarray(fig.subplots(rows, cols, squeeze=False))  # [rows, cols]
+        for k in range(rows * cols):
+            ax = axes.flat[k]
+            if k >= n:
+                ax.set_axis_off()
+                continue
+            plot_rollout_map(maps[k], ax=ax)
+            ax.set_title(_short(names[k], 16), fontsize=7)
         if title:
             fig.suptitle(title, fontsize=9)
     return fig

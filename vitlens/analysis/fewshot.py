@@ -2,52 +2,30 @@
 §4.1), following the protocol of big_vision's ``fewshot_lsr`` evaluator.
 
 A frozen representation of ``shots`` training images per class is mapped to ``{-1, 1}^K`` targets by ridge regression
-in closed form, and the probe's argmax is scored on a test split. This module owns the three parts: feature extraction
-(one forward pass for any number of layers), the on-disk feature cache, and the batched solver.
+in closed form, and the probe's argmax is scored on a test split. Pure: features and labels in, accuracies out; the
+features come from :mod:`vitlens.features` (cached by :mod:`vitlens.feature_cache`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from einops import rearrange
 
+from vitlens import defaults
 from vitlens.analysis._common import f64_device
-from vitlens.capture import resolve_layers
-from vitlens.data import iterate_batches
-from vitlens.device import resolve_batch_size
 from vitlens.errors import UsageError, VitlensError
-from vitlens.log import logger
 
-if TYPE_CHECKING:
-    from vitlens.data import ImageDataset
-    from vitlens.models.vit import ViT
-
-FeatureKind = Literal["pre-logits", "cls", "gap"]
-FEATURE_KINDS: tuple[str, ...] = ("pre-logits", "cls", "gap")
 Method = Literal["auto", "primal", "dual"]
-CacheStatus = Literal["hit", "miss", "off"]
-Progress = Callable[[int, int], None]  # progress(done_images, total_images)
 
-# big_vision's common few-shot config (configs/common_fewshot.py): shots 1, 5, 10, 25, three seeds, l2_reg = 2**10.
-DEFAULT_SHOTS: tuple[int, ...] = (1, 5, 10, 25)
-DEFAULT_SEEDS = 3
-# With standardised features every column has squared norm n, so λ = 1024 shrinks hard at 1-25 shots: chosen for
-# wide (D = 768-1024) pre-trained representations; narrow models are better served by --l2 auto.
-DEFAULT_L2 = 2.0**10
 # --l2 auto searches powers of two from 2^-10 (almost no shrinkage: narrow or weak features at 10-25 shots chose the
 # grid's bottom when it was 2^-2, and gained 2 points below it) up to 2^16, where the probe predicts almost only
-# the class means.
+# the class means. The fixed default (big_vision's 2**10) is vitlens.defaults.FEWSHOT_L2.
 AUTO_L2_GRID: tuple[float, ...] = tuple(2.0**k for k in range(-10, 17))
 # The bias is a constant feature rather than an intercept, so primal and dual are the same formula. At 100 against
 # unit-variance features its weight costs λ / 100² per unit of bias: practically unregularised, as an intercept is.
@@ -55,247 +33,6 @@ BIAS_FEATURE = 100.0
 # Added to the per-feature std, so that a feature constant over the shots becomes 0 rather than 0 / 0.
 STD_EPS = 1e-5
 _TEST_CHUNK = 8192  # test rows scored at a time: bounds the float64 copy of the test features
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Feature extraction
-
-
-def resolve_feature_layers(vit: ViT, layers: Sequence[int] | None, feature: FeatureKind) -> list[int]:
-    """Check ``feature`` against the model and turn ``layers`` into sorted 0-based block indices.
-
-    Pre-logits (final norm and pooling, what the classifier head sees) exist after the last block only; they are
-    keyed by that block's index. ``None`` means the last block.
-
-    Raises:
-        UsageError: unknown ``feature``, a layer out of range, or pre-logits asked for at an inner layer.
-        VitlensError: ``cls`` on a model without a class token.
-    """
-    if feature not in FEATURE_KINDS:
-        raise UsageError(f"--feature must be one of {', '.join(FEATURE_KINDS)}, not {feature!r}")
-    depth = vit.depth
-    chosen = resolve_layers([-1] if layers is None else list(layers), depth)
-    if feature == "pre-logits" and chosen != [depth - 1]:
-        raise UsageError("pre-logits exist after the last block only; use --feature cls or --feature gap with --layer")
-    if feature == "cls" and not vit.layout.has_class_token:
-        raise VitlensError("this model has no class token (it pools the patch tokens); use --feature gap")
-    return chosen
-
-
-@contextmanager
-def block_outputs(vit: ViT, layers: Sequence[int], on_block: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
-    """Call ``on_block(layer, tokens [B, N, D])`` as each chosen block of ``vit`` finishes, inside the block only.
-
-    The hooks are removed in ``finally``, also when the forward raises.
-    """
-    blocks = vit.blocks()
-    handles = []
-    try:
-        for layer in layers:
-
-            def hook(_module, _inputs, output, _layer=layer):
-                on_block(_layer, output)
-
-            handles.append(blocks[layer].register_forward_hook(hook))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def extract_features(
-    vit: ViT,
-    dataset: ImageDataset,
-    *,
-    layers: Sequence[int] | None = None,
-    feature: FeatureKind = "pre-logits",
-    batch_size: int | None = None,
-    progress: Progress | None = None,
-    num_workers: int = 0,
-) -> dict[int, torch.Tensor]:
-    """Frozen features of every image of ``dataset``, for all ``layers`` from one forward pass.
-
-    Args:
-        vit: the loaded model; batches go to ``vit.device``.
-        dataset: images preprocessed for ``vit``.
-        layers: 0-based block indices (negative from the end); None for the last block.
-        feature: ``pre-logits`` (what the head sees), ``cls`` (the class token after the block) or ``gap`` (the mean
-            of the patch tokens after the block). ``cls`` and ``gap`` read the block's raw output (the residual
-            stream, before the final norm): the probe standardises every feature anyway.
-        batch_size: images per forward pass; None for the device's default (:func:`vitlens.device.default_batch_size`).
-        progress: called as ``progress(done, total)`` before the first batch and after every batch.
-        num_workers: DataLoader worker processes.
-
-    Returns:
-        ``{layer: [len(dataset), D] float32 on the CPU}``, rows in dataset order.
-
-    Raises:
-        UsageError / VitlensError: as :func:`resolve_feature_layers`; an image could not be read (rows must line up
-            with ``dataset.labels``).
-    """
-    chosen = resolve_feature_layers(vit, layers, feature)
-    layout = vit.layout
-    n = len(dataset)
-    parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in chosen}  # [B, D] per batch, in order
-
-    def pool(tokens: torch.Tensor) -> torch.Tensor:  # [B, N, D] -> [B, D]
-        if feature == "cls":
-            return tokens[:, layout.token_index("cls")]
-        return tokens[:, layout.patch_slice].mean(dim=1)
-
-    def keep(layer: int, tokens: torch.Tensor) -> None:
-        parts[layer].append(pool(tokens).float().cpu())
-
-    done = seen = 0
-    if progress is not None:
-        progress(0, n)
-    dtype = next(vit.model.parameters()).dtype
-    batch_size = resolve_batch_size(batch_size, vit.device)
-    with torch.inference_mode(), block_outputs(vit, [] if feature == "pre-logits" else chosen, keep):
-        for batch in iterate_batches(dataset, batch_size=batch_size, num_workers=num_workers, device=vit.device):
-            tokens = vit.features(batch.images.to(dtype))  # [B, N, D]
-            if feature == "pre-logits":
-                parts[chosen[0]].append(vit.pre_logits(tokens).float().cpu())  # [B, D]
-            seen += batch.images.shape[0]
-            if progress is not None:
-                done = int(batch.indices[-1]) + 1
-                progress(done, n)
-    if progress is not None and done != n:
-        progress(n, n)
-    if seen != n:
-        # A skipped image would shift every later row against dataset.labels.
-        raise VitlensError(
-            f"{n - seen} of {n} images of {dataset.spec} could not be read; few-shot probes need every image "
-            "of the split (remove the unreadable files)"
-        )
-    return {layer: torch.cat(parts[layer]) for layer in chosen}  # [N, D] each
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Feature cache
-
-
-def default_cache_dir() -> Path:
-    """Where features are cached: ``$VITLENS_CACHE_DIR``, else ``~/.cache/vitlens/features``."""
-    env = os.environ.get("VITLENS_CACHE_DIR")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "vitlens" / "features"
-
-
-def feature_cache_key(vit: ViT, dataset: ImageDataset, *, layers: Sequence[int], feature: str) -> dict[str, Any]:
-    """Everything the cached features depend on, JSON-ready; the cache file name is a hash of it.
-
-    ``dataset.spec`` carries the split and the ``num_images`` subset; the names and labels catch files added to,
-    removed from or renamed in a folder, and each file's size and modification time an image edited in place.
-    """
-    from vitlens import __version__
-
-    listing = hashlib.sha256()
-    for name in dataset.names:
-        listing.update(name.encode("utf-8", "surrogateescape") + b"\0")
-    if dataset.labels is not None:
-        listing.update(np.ascontiguousarray(dataset.labels, dtype=np.int64).tobytes())
-    for stamp in dataset.file_stamps():
-        listing.update(b"-\0" if stamp is None else f"{stamp[0]}:{stamp[1]}\0".encode())
-    return {
-        "format": 2,
-        "vitlens": __version__,
-        "model": vit.identity,
-        "arch": vit.arch,
-        "arch_kwargs": json.loads(json.dumps(vit.arch_kwargs, sort_keys=True, default=str)),
-        "dtype": str(next(vit.model.parameters()).dtype),
-        "data": dataset.spec,
-        "num_images": len(dataset),
-        "listing": listing.hexdigest(),
-        "preprocess": vit.preprocess.as_dict(),
-        "layers": [int(la) for la in layers],
-        "feature": feature,
-    }
-
-
-def _canonical(key: Mapping[str, Any]) -> str:
-    return json.dumps(key, sort_keys=True, separators=(",", ":"))
-
-
-def cache_path(cache_dir: str | os.PathLike, key: Mapping[str, Any]) -> Path:
-    digest = hashlib.sha256(_canonical(key).encode("utf-8")).hexdigest()
-    return Path(cache_dir).expanduser() / f"features-{digest[:32]}.npz"
-
-
-def load_cached_features(path: Path, key: Mapping[str, Any]) -> dict[int, torch.Tensor] | None:
-    """The features stored at ``path`` if the file holds exactly ``key``; None when absent, stale or corrupt."""
-    if not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            stored_key = str(npz["key"][()])
-            layers = [int(la) for la in npz["layers"]]
-            feats = np.asarray(npz["features"], dtype=np.float32)  # [L, N, D]
-    except Exception as e:  # a truncated or foreign file raises almost anything (BadZipFile, ValueError, KeyError)
-        logger.warning(f"ignoring unreadable feature cache {path} ({type(e).__name__}); recomputing")
-        return None
-    if stored_key != _canonical(key):
-        logger.info(f"feature cache {path} was written for other inputs; recomputing")
-        return None
-    if layers != list(key["layers"]) or feats.ndim != 3 or feats.shape[:2] != (len(layers), key["num_images"]):
-        logger.warning(f"ignoring inconsistent feature cache {path}; recomputing")
-        return None
-    return {layer: torch.from_numpy(feats[i].copy()) for i, layer in enumerate(layers)}
-
-
-def save_cached_features(path: Path, key: Mapping[str, Any], features: Mapping[int, torch.Tensor]) -> bool:
-    """Write ``features`` with their ``key`` atomically; a cache that cannot be written is a warning, not an error."""
-    from vitlens.io import atomic_path
-
-    layers = list(features)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(
-                f,
-                key=np.array(_canonical(key)),
-                layers=np.asarray(layers, dtype=np.int64),
-                features=torch.stack([features[la] for la in layers]).numpy(),  # [L, N, D]
-            )
-    except (OSError, VitlensError) as e:
-        logger.warning(f"could not write the feature cache {path}: {e}; continuing without it")
-        return False
-    return True
-
-
-def cached_features(
-    vit: ViT,
-    dataset: ImageDataset,
-    *,
-    layers: Sequence[int] | None = None,
-    feature: FeatureKind = "pre-logits",
-    batch_size: int | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    use_cache: bool = True,
-    progress: Progress | None = None,
-    num_workers: int = 0,
-) -> tuple[dict[int, torch.Tensor], CacheStatus]:
-    """:func:`extract_features`, read from and written to the on-disk cache.
-
-    Models without a stable identity (built in memory) are never cached.
-
-    Returns:
-        The features and whether they came from the cache (``hit``), were computed and stored (``miss``), or the
-        cache was not used (``off``).
-    """
-    chosen = resolve_feature_layers(vit, layers, feature)
-    key = feature_cache_key(vit, dataset, layers=chosen, feature=feature) if use_cache and vit.identity else None
-    path = cache_path(default_cache_dir() if cache_dir is None else cache_dir, key) if key is not None else None
-    if path is not None:
-        feats = load_cached_features(path, key)
-        if feats is not None:
-            logger.info(f"features of {dataset.spec} from the cache {path}")
-            return feats, "hit"
-    opts = {"batch_size": batch_size, "progress": progress, "num_workers": num_workers}
-    feats = extract_features(vit, dataset, layers=chosen, feature=feature, **opts)
-    if path is None:
-        return feats, "off"
-    save_cached_features(path, key, feats)
-    return feats, "miss"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -474,7 +211,7 @@ class FewShotResult:
     num_train: int  # size of the pool the shots were drawn from
     num_test: int  # test images scored
     short_classes: dict[str, int] = field(default_factory=dict)  # classes with fewer than max(shots) examples
-    feature: str = ""  # what the features are (pre-logits, cls, gap), set by the caller for titles and JSON
+    feature: str = ""  # what the features are (pre-logits, cls, gap), for titles and JSON
 
     @property
     def mean(self) -> np.ndarray:
@@ -544,13 +281,14 @@ def fewshot_lsr(
     test_feats: torch.Tensor | Mapping[int, torch.Tensor],
     test_labels: np.ndarray | torch.Tensor,
     *,
-    shots: Sequence[int] = DEFAULT_SHOTS,
-    seeds: int = DEFAULT_SEEDS,
-    l2: float | Literal["auto"] = DEFAULT_L2,
+    shots: Sequence[int] = defaults.FEWSHOT_SHOTS,
+    seeds: int = defaults.FEWSHOT_SEEDS,
+    l2: float | Literal["auto"] = defaults.FEWSHOT_L2,
     device: torch.device | str | None = None,
     num_classes: int | None = None,
     class_names: Sequence[str] | None = None,
     allow_fewer: bool = False,
+    feature: str = "",
 ) -> FewShotResult:
     """Few-shot accuracy of a ridge probe on frozen features (big_vision's ``fewshot_lsr`` protocol).
 
@@ -574,6 +312,7 @@ def fewshot_lsr(
         num_classes: K (default: the largest label + 1).
         class_names: for error messages and ``short_classes``.
         allow_fewer: use all examples of classes with fewer than ``max(shots)`` instead of failing.
+        feature: what the features are (``pre-logits``, ``cls``, ``gap``), kept in the result for titles and JSON.
 
     Raises:
         UsageError: non-positive ``shots``, ``seeds`` or ``l2``; mismatched layers or shapes.
@@ -654,6 +393,7 @@ def fewshot_lsr(
         num_train=len(y_pool),
         num_test=len(y_test),
         short_classes=short,
+        feature=feature,
     )
 
 

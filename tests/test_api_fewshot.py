@@ -1,0 +1,220 @@
+"""``vitlens.fewshot`` on the demo model and 100 digits per split: the numbers are the solver's on the extracted
+features, specs and datasets give the same probes, bad options name their parameter, and the result draws, saves,
+reads back and prints what the CLI command does."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from tests.conftest import assert_one_line_error
+from vitlens.analysis.fewshot import fewshot_lsr
+from vitlens.cli.app import app
+from vitlens.data import open_dataset
+from vitlens.definitions.fewshot import DEFINITION, FewShotProbeResult, fewshot
+from vitlens.errors import NotApplicable, ParameterError, VitlensError
+from vitlens.features import extract_features
+from vitlens.registry import get
+from vitlens.result import load_result
+
+NUM_IMAGES = 100  # per split: 10 digits of each class
+FAST = {"shots": (1, 5), "seeds": 2, "num_images": NUM_IMAGES, "use_cache": False}
+
+
+@pytest.fixture(scope="module")
+def splits(demo):
+    return tuple(open_dataset("digits", demo, split=s, num_images=NUM_IMAGES) for s in ("train", "test"))
+
+
+@pytest.fixture(scope="module")
+def result(demo):
+    return fewshot(demo, "digits", **FAST)
+
+
+@pytest.fixture(scope="module")
+def every_layer(demo, splits):
+    pool, test = splits
+    return fewshot(demo, pool, test_data=test, shots="1,5", seeds=1, l2="auto", layers="all", use_cache=False)
+
+
+def test_the_numbers_are_the_solvers(demo, splits, result):
+    pool, test = splits
+    expected = fewshot_lsr(
+        extract_features(demo, pool), pool.labels, extract_features(demo, test), test.labels, shots=(1, 5), seeds=2
+    )
+    assert isinstance(result, FewShotProbeResult)
+    np.testing.assert_array_equal(result.probe.accuracy, expected.accuracy)
+    assert result.probe.feature == "pre-logits" and result.probe.layers == (demo.depth - 1,)
+    assert (result.data, result.test_data) == (pool.spec, test.spec) and result.classes == tuple(pool.classes)
+    assert result.cache == {"train": "off", "test": "off"} and result.solve_seconds >= 0
+    assert result.allow_fewer is False and result.depth == demo.depth and not result.heatmap
+    mean = {"1": float(expected.mean[0, 0]), "5": float(expected.mean[1, 0])}
+    assert result.key_numbers() == {"data": pool.spec, "seeds": 2, "chance": 0.1, "mean_accuracy": mean}
+
+
+def test_datasets_and_string_options_give_the_same_probes(demo, splits, result):
+    pool, test = splits
+    same = fewshot(demo, pool, test_data=test, shots="5,1,5", seeds=2, l2="1024", use_cache=False)
+    assert same == result
+
+
+def test_layers_and_feature(demo, splits, every_layer):
+    assert every_layer.probe.layers == tuple(range(demo.depth)) and every_layer.probe.feature == "cls"
+    assert every_layer.probe.l2_auto and every_layer.heatmap
+    pool, test = splits
+    two = fewshot(demo, pool, test_data=test, shots=1, seeds=1, layers=[0, -1], feature="GAP", use_cache=False)
+    assert two.probe.layers == (0, demo.depth - 1) and two.probe.feature == "gap" and not two.heatmap
+    text = every_layer.summary()
+    assert "best of 4 layers" in text and text.startswith("5-shot accuracy ")
+    assert every_layer.key_numbers()["layer"] in every_layer.probe.layers
+
+
+def test_the_cache_is_read_back(demo, splits, tmp_path):
+    pool, test = splits
+    options = {"test_data": test, "shots": 1, "seeds": 1, "cache_dir": tmp_path}
+    first, second = fewshot(demo, pool, **options), fewshot(demo, pool, **options)
+    assert first.cache == {"train": "miss", "test": "miss"} and second.cache == {"train": "hit", "test": "hit"}
+    np.testing.assert_array_equal(first.probe.accuracy, second.probe.accuracy)
+
+
+def test_progress_counts_both_parts(demo, splits):
+    pool, test = splits
+    calls = []
+    fewshot(demo, pool, test_data=test, shots=1, seeds=1, use_cache=False, progress=lambda *a: calls.append(a))
+    total = len(pool) + len(test)
+    assert calls[-1] == (total, total) and all(n == total for _, n in calls)
+
+
+def test_plot_and_figure(result, every_layer):
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    assert isinstance(result.plot(), Axes) and isinstance(result.figure(), Figure)
+    fig = Figure()
+    ax = fig.add_subplot()
+    assert result.plot(ax=ax) is ax and ax.lines  # accuracy against shots, chance
+    fig = Figure()
+    ax = fig.add_subplot()
+    assert every_layer.plot(ax=ax) is ax and ax.images  # the layer-by-shots heat map
+    assert len(every_layer.figure().axes) == 2  # heat map and colour bar
+
+
+def test_save_writes_the_cli_files_and_reads_back_equal(result, every_layer, tmp_path):
+    files = result.save(tmp_path, meta={"command": "test"})
+    assert sorted(f.name for f in files) == ["fewshot.csv", "fewshot.json", "fewshot.png"]
+    saved = json.loads((tmp_path / "fewshot.json").read_text())
+    assert saved.pop("meta") == {"command": "test"}
+    assert list(saved) == list(result.to_dict()) and saved == result.to_dict()
+    rows = (tmp_path / "fewshot.csv").read_text().splitlines()
+    assert rows[0] == "shots,layer,seed,accuracy,l2" and len(rows) == 1 + 2 * 1 * 2
+    back = load_result(tmp_path)
+    assert isinstance(back, FewShotProbeResult) and back == result and back.solve_seconds is None
+    assert back != dataclasses.replace(result, data="other")
+
+    every_layer.save(tmp_path / "all", fmt="pdf")
+    back = load_result(tmp_path / "all")
+    assert back == every_layer and back.heatmap
+
+
+def test_repr_summary_and_html(result):
+    text = repr(result)
+    assert "\n" not in text and text.startswith("<FewShotProbeResult fewshot: 5-shot accuracy ")
+    assert text.endswith("(chance 10.0%)>")
+    assert "<img" in result._repr_html_()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param", "needle"),
+    [
+        ({"shots": (0, 5)}, "shots", "shots must be positive integers"),
+        ({"shots": "1,x"}, "shots", "shots must be positive integers separated by commas"),
+        ({"shots": ()}, "shots", "shots must be positive integers"),
+        ({"shots": (1.5,)}, "shots", "shots must be positive integers"),
+        ({"seeds": 0}, "seeds", "seeds must be at least 1, not 0"),
+        ({"l2": -3.0}, "l2", "l2 must be a positive number or 'auto', not -3.0"),
+        ({"l2": "inf"}, "l2", "l2 must be a positive number or 'auto'"),
+        ({"layers": 9}, "layers", r"layers: layer 9 is out of range: the model has 4 layers \(0..3\)"),
+        ({"layers": "1;2"}, "layers", "layers must be 'all' or 0-based layer indices"),
+        ({"layers": [0.5]}, "layers", "layers must be 'all' or 0-based layer indices"),
+        ({"layers": [0], "feature": "pre-logits"}, "layers", "pre-logits exist after the last block only"),
+        ({"feature": "mean"}, "feature", "feature must be one of pre-logits, cls, gap, not 'mean'"),
+        ({"num_images": 0}, "num_images", "num_images must be a positive number, not 0"),
+        ({"batch_size": 0}, "batch_size", "batch_size must be at least 1, not 0"),
+    ],
+)
+def test_bad_options_name_their_parameter(demo, kwargs, param, needle):
+    with pytest.raises(ParameterError, match=needle) as info:
+        fewshot(demo, "digits", **{**FAST, **kwargs})
+    assert isinstance(info.value, ValueError) and info.value.param == param
+
+
+def test_datasets_need_test_data_and_matching_labelled_classes(demo, splits, tmp_path):
+    pool, test = splits
+    with pytest.raises(ParameterError, match="test_data is needed") as info:
+        fewshot(demo, pool)
+    assert info.value.param == "test_data"
+    with pytest.raises(ParameterError, match="num_images applies to a data spec"):
+        fewshot(demo, pool, test_data=test, num_images=10)
+    for name in ("ant", "bee"):
+        (tmp_path / "other" / name).mkdir(parents=True)
+        Image.new("RGB", (9, 9)).save(tmp_path / "other" / name / "0.png")
+    with pytest.raises(VitlensError, match="they must be the same, in the same order"):
+        fewshot(demo, pool, test_data=str(tmp_path / "other"), use_cache=False)
+    (tmp_path / "loose").mkdir()
+    Image.new("RGB", (9, 9)).save(tmp_path / "loose" / "0.png")
+    unlabelled = open_dataset(tmp_path / "loose", demo, split="all")
+    with pytest.raises(VitlensError, match="has no labels"):
+        fewshot(demo, unlabelled, test_data=test)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--shots", "0"], "--shots must be positive integers"),
+        (["--l2", "0"], "--l2 must be a positive number or 'auto'"),
+        (["--layer", "9"], "--layer: layer 9 is out of range"),
+        (["--layer", "0", "--feature", "pre-logits"], "--layer [0] need feature cls or gap: pre-logits"),
+        (["--feature", "mean"], "--feature must be one of"),
+    ],
+)
+def test_the_cli_speaks_the_flag(tmp_path, args, needle):
+    out = tmp_path / "out"
+    cli = CliRunner().invoke(app, ["fewshot", "--device", "cpu", "--no-cache", *args, "--out", str(out)])
+    assert_one_line_error(cli, 2, needle)
+    assert not out.exists()
+
+
+def test_cli_json_and_files_are_the_results(result, tmp_path):
+    args = ["fewshot", "--device", "cpu", "--num-images", str(NUM_IMAGES), "--shots", "1,5", "--seeds", "2"]
+    cli = CliRunner().invoke(app, [*args, "--no-cache", "--out", str(tmp_path), "--json"])
+    assert cli.exit_code == 0, cli.output
+    printed = json.loads(cli.stdout)
+    assert list(printed) == [*result.to_dict(), "files", "meta"]
+    assert printed["meta"]["command"] == "fewshot" and printed["meta"]["solve_seconds"] >= 0
+    assert {k: printed[k] for k in result.to_dict()} == result.to_dict()
+    assert load_result(tmp_path) == result
+
+
+def test_registered_and_run_by_the_report(demo, result, tmp_path):
+    assert get("fewshot") is DEFINITION and DEFINITION.compute is fewshot
+    assert DEFINITION.result is FewShotProbeResult and DEFINITION.needs_data
+    opened = []
+
+    def run_open(spec, *, split, num_images, require_labels=False):
+        opened.append((spec, split, num_images))  # the report opens whole splits; a subset keeps this test fast
+        return open_dataset(spec, demo, split=split, num_images=NUM_IMAGES, require_labels=require_labels)
+
+    common = {"vit": demo, "shots": (1, 5), "seeds": 2, "l2": 1024.0, "batch_size": None, "open": run_open}
+    run = SimpleNamespace(**common, data="digits", cache_dir=None, use_cache=False)
+    assert DEFINITION.section(run) == result and opened == [("digits", "train", None), ("digits", "test", None)]
+
+    (tmp_path / "loose").mkdir()
+    Image.new("RGB", (9, 9)).save(tmp_path / "loose" / "0.png")
+    with pytest.raises(NotApplicable, match="has no labels"):
+        DEFINITION.section(SimpleNamespace(**common, data=str(tmp_path / "loose"), cache_dir=None, use_cache=False))

@@ -1,0 +1,37 @@
+"""Every analysis option's default, in one torch-free module: the library, the CLI's ``--help`` and the report read
+them here (importing this costs nothing, so ``vitlens --help`` stays fast).
+
+A default taken from a paper or a reference implementation says where from.
+"""
+
+from __future__ import annotations
+
+# Figures.
+FIGURE_FORMATS = ("png", "svg", "pdf")
+FIGURE_FORMAT = "png"
+
+# filters: the ViT paper's Fig. 7 (left) shows the first 28 principal components.
+FILTERS_NUM_COMPONENTS = 28
+
+# attention-distance: App. D.7 of the ViT paper averages over 128 example images.
+ATTENTION_DISTANCE_NUM_IMAGES = 128
+# Patch queries' weights rescaled to patches: weight on prefix tokens (no position) must not count as distance 0.
+ATTENTION_DISTANCE_RENORMALIZE = True
+
+# rollout: Abnar & Zuidema 2020 (and the ViT paper's App. D.8) average the heads and keep every weight.
+ROLLOUT_HEAD_FUSION = "mean"
+ROLLOUT_DISCARD_RATIO = 0.0
+ROLLOUT_START_LAYER = 0
+ROLLOUT_DATA_IMAGES = 8  # with --data and no --num-images: a handful of figures, not one per test image
+
+# fewshot: big_vision's fewshot_lsr evaluator (shots 1, 5, 10, 25; l2_reg 2**10), three shot draws.
+FEWSHOT_SHOTS: tuple[int, ...] = (1, 5, 10, 25)
+FEWSHOT_SEEDS = 3
+FEWSHOT_L2 = 2.0**10
+
+# report: modest, so that the whole report on the demo model and digits takes seconds on two CPU cores.
+REPORT_NUM_IMAGES = ATTENTION_DISTANCE_NUM_IMAGES
+REPORT_ROLLOUT_IMAGES = 6
+REPORT_SHOTS: tuple[int, ...] = (1, 5, 10)  # big_vision's 1, 5, 10 (25 left out: digits' test split is small)
+REPORT_SEEDS = FEWSHOT_SEEDS
+REPORT_L2 = FEWSHOT_L2

@@ -1,0 +1,449 @@
+"""fewshot: few-shot linear probes on frozen features by regularised least squares (ViT paper §4.1; big_vision's
+``fewshot_lsr`` evaluator)."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import InitVar, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from vitlens import defaults
+from vitlens.errors import NotApplicable, ParameterError, UsageError, VitlensError
+from vitlens.registry import Definition, register
+from vitlens.result import Result
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from vitlens.analysis.fewshot import FewShotResult
+    from vitlens.data import ImageDataset
+    from vitlens.models.vit import ViT
+
+Progress = Callable[[int, int], None]  # progress(done_images, total_images)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class FewShotProbeResult(Result):
+    """Few-shot accuracy of ridge probes on a model's frozen features, for every shots count, layer and seed.
+
+    Attributes:
+        probe: the accuracies, λ and solver facts (:class:`~vitlens.analysis.fewshot.FewShotResult`).
+        allow_fewer: whether classes with fewer than ``max(shots)`` examples were allowed (all of theirs used).
+        source: the model it came from.
+        data: the data spec of the pool the shots were drawn from.
+        test_data: the data spec of the images scored.
+        classes: the class names, index = label.
+        depth: the model's number of blocks.
+        cache: where the features came from, per part (``train``, ``test``): ``hit``, ``miss`` or ``off``.
+        solve_seconds: the time of the probe sweep alone (not the feature extraction), for the CLI's run metadata;
+            None for a result read back by :func:`~vitlens.result.load_result`. An init-only argument kept as an
+            attribute, not a field: a timing is not part of the result, so ``==`` and the files leave it out.
+    """
+
+    probe: FewShotResult
+    allow_fewer: bool
+    source: str
+    data: str
+    test_data: str
+    classes: tuple[str, ...]
+    depth: int
+    cache: Mapping[str, str]
+    solve_seconds: InitVar[float | None] = None
+
+    analysis = "fewshot"
+    stem = "fewshot"
+
+    def __post_init__(self, solve_seconds: float | None) -> None:
+        object.__setattr__(self, "solve_seconds", solve_seconds)
+
+    @property
+    def heatmap(self) -> bool:
+        """Whether the figure is the layer-by-shots heat map: every layer of the model probed (``layers="all"``)."""
+        return self.probe.feature != "pre-logits" and self.probe.layers == tuple(range(self.depth))
+
+    # ---------------------------------------------------------------------------------------------- numbers
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **self.probe.to_dict(),
+            "allow_fewer": self.allow_fewer,
+            "source": self.source,
+            "data": self.data,
+            "test_data": self.test_data,
+            "classes": list(self.classes),
+            "depth": self.depth,
+            "cache": dict(self.cache),
+        }
+
+    def _shown_layer(self) -> int:
+        """The column of ``probe.layers`` the headline reads: the only one, or the best at the most shots."""
+        return int(self.probe.mean[-1].argmax())
+
+    def summary(self) -> str:
+        j, probe = self._shown_layer(), self.probe
+        shots, accuracy, chance = probe.shots[-1], 100 * float(probe.mean[-1, j]), 100 * probe.chance
+        if len(probe.layers) == 1:
+            return f"{shots}-shot accuracy {accuracy:.1f}% (chance {chance:.1f}%)"
+        best = f"layer {probe.layers[j]}, best of {len(probe.layers)} layers"
+        return f"{shots}-shot accuracy {accuracy:.1f}% ({best}; chance {chance:.1f}%)"
+
+    def key_numbers(self) -> dict[str, Any]:
+        j, probe = self._shown_layer(), self.probe
+        numbers: dict[str, Any] = {"data": self.data, "seeds": len(probe.seeds), "chance": float(probe.chance)}
+        if len(probe.layers) > 1:
+            numbers["layer"] = probe.layers[j]
+        numbers["mean_accuracy"] = {str(s): float(probe.mean[i, j]) for i, s in enumerate(probe.shots)}
+        return numbers
+
+    # ---------------------------------------------------------------------------------------------- drawing
+    def _kind(self) -> Literal["heatmap"] | None:
+        return "heatmap" if self.heatmap else None
+
+    def plot(self, ax: Axes | None = None) -> Axes:
+        """Accuracy against shots, one line per layer; the layer-by-shots heat map for every layer or many."""
+        from vitlens.plotting.fewshot import plot_fewshot
+
+        return plot_fewshot(self.probe, ax=ax, kind=self._kind())
+
+    def figure(self) -> Figure:
+        from vitlens.plotting.fewshot import fewshot_figure
+
+        return fewshot_figure(self.probe, kind=self._kind())
+
+    # ---------------------------------------------------------------------------------------------- files
+    def _write(self, out: Path, fmt: str, payload: dict[str, Any]) -> list[Path]:
+        """fewshot.csv (one row per shots, layer and seed), fewshot.json and fewshot.<fmt>."""
+        from vitlens.io import ensure_out_dir, write_json, write_text
+        from vitlens.plotting.style import save_figure
+
+        probe = self.probe
+        fig = self.figure()
+        rows = ["shots,layer,seed,accuracy,l2"]
+        for i, shots in enumerate(probe.shots):
+            for j, layer in enumerate(probe.layers):
+                for s, seed in enumerate(probe.seeds):
+                    rows.append(f"{shots},{layer},{seed},{probe.accuracy[i, j, s]:.6g},{probe.l2[i, j]:g}")
+        out = ensure_out_dir(out)
+        return [
+            write_text(out / "fewshot.csv", "\n".join(rows) + "\n"),
+            write_json(out / "fewshot.json", payload),
+            save_figure(fig, out / f"fewshot.{fmt}", fmt=fmt),  # type: ignore[arg-type]
+        ]
+
+    @classmethod
+    def _read(cls, folder: Path, payload: dict[str, Any]) -> FewShotProbeResult:
+        import numpy as np
+
+        from vitlens.analysis.fewshot import FewShotResult
+
+        # fewshot.json holds every number exactly (JSON floats round-trip); the CSV rounds to 6 digits.
+        shots, layers = tuple(payload["shots"]), tuple(payload["layers"])
+        seeds = tuple(payload["seeds"])
+        accuracy = np.zeros((len(shots), len(layers), len(seeds)))  # [S, L, seeds]
+        l2 = np.zeros((len(shots), len(layers)))  # [S, L]
+        methods = [""] * len(shots)
+        for row in payload["results"]:
+            i, j = shots.index(row["shots"]), layers.index(row["layer"])
+            accuracy[i, j] = row["per_seed"]
+            l2[i, j] = row["l2"]
+            methods[i] = row["method"]
+        probe = FewShotResult(
+            accuracy=accuracy,
+            shots=shots,
+            layers=layers,
+            seeds=seeds,
+            l2=l2,
+            l2_auto=payload["l2"] == "auto",
+            methods=tuple(methods),
+            num_classes=int(payload["num_classes"]),
+            num_train=int(payload["num_train"]),
+            num_test=int(payload["num_test"]),
+            short_classes=dict(payload["short_classes"]),
+            feature=payload["feature"],
+        )
+        facts = (bool(payload["allow_fewer"]), payload["source"], payload["data"], payload["test_data"])
+        return cls(probe, *facts, tuple(payload["classes"]), int(payload["depth"]), dict(payload["cache"]))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Options: each check raises a ParameterError that names the parameter (the CLI turns it into the flag)
+
+
+def check_shots(shots: Any) -> tuple[int, ...]:
+    """``shots`` as sorted, distinct counts: positive integers, or a string of them such as ``"1,5,10"``."""
+    if isinstance(shots, str):
+        try:
+            values = [int(p.strip()) for p in shots.split(",")]
+        except ValueError:
+            values = []
+        example = "separated by commas (e.g. 1,5,10,25)"
+    else:
+        items = [shots] if isinstance(shots, int) else list(shots) if isinstance(shots, Sequence) else []
+        values = items if all(isinstance(v, int) and not isinstance(v, bool) for v in items) else []
+        example = "(e.g. (1, 5, 10, 25))"
+    if not values or any(v < 1 for v in values):
+        raise ParameterError("shots", f"shots must be positive integers {example}, not {shots!r}")
+    return tuple(sorted(set(values)))
+
+
+def check_seeds(seeds: Any) -> int:
+    """``seeds``, the number of shot draws: an integer of at least 1."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ParameterError("seeds", f"seeds must be at least 1, not {seeds!r}")
+    return seeds
+
+
+def check_l2(l2: Any) -> float | Literal["auto"]:
+    """``l2``, the ridge penalty: a positive finite number (or a string of one), or ``"auto"``."""
+    if isinstance(l2, str) and l2.strip().lower() == "auto":
+        return "auto"
+    try:
+        number = math.nan if isinstance(l2, bool) else float(l2)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or number <= 0:
+        raise ParameterError("l2", f"l2 must be a positive number or 'auto', not {l2!r}")
+    return number
+
+
+def check_feature(feature: Any) -> str | None:
+    """``feature``, lower-cased: ``pre-logits``, ``cls`` or ``gap``; None when not given."""
+    from vitlens.features import FEATURE_KINDS
+
+    if feature is None:
+        return None
+    value = feature.strip().lower() if isinstance(feature, str) else feature
+    if value not in FEATURE_KINDS:
+        raise ParameterError("feature", f"feature must be one of {', '.join(FEATURE_KINDS)}, not {feature!r}")
+    return value
+
+
+def check_layers(layers: Any, depth: int) -> list[int] | None:
+    """``layers`` as sorted 0-based block indices of a ``depth``-block model; None when not given.
+
+    Accepts ``"all"``, an index, a sequence of indices, or a string of them such as ``"0,5,-1"`` (negative from the
+    end).
+    """
+    from vitlens.capture import resolve_layers
+
+    if layers is None:
+        return None
+    if isinstance(layers, str):
+        if layers.strip().lower() == "all":
+            return list(range(depth))
+        try:
+            asked = [int(p) for p in layers.split(",")]
+        except ValueError:
+            asked = []
+    else:
+        items = [layers] if isinstance(layers, int) else list(layers) if isinstance(layers, Sequence) else []
+        asked = items if all(isinstance(v, int) and not isinstance(v, bool) for v in items) else []
+    if not asked:
+        raise ParameterError(
+            "layers", f"layers must be 'all' or 0-based layer indices separated by commas, not {layers!r}"
+        )
+    try:
+        return resolve_layers(asked, depth)
+    except UsageError as e:
+        raise ParameterError("layers", f"layers: {e}") from None
+
+
+def _check_count(name: str, value: Any, rule: str) -> None:
+    """``value`` is None or an integer of at least 1; else a ParameterError saying ``name`` must ``rule``."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ParameterError(name, f"{name} must {rule}, not {value!r}")
+
+
+def _brief(classes: Sequence[str] | None, limit: int = 4) -> str:
+    names = list(classes or [])
+    shown = ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+    return f"[{shown}] ({len(names)})"
+
+
+def _labelled(dataset: ImageDataset) -> ImageDataset:
+    if dataset.labels is None or not dataset.classes:
+        raise VitlensError(
+            f"{dataset.spec} has no labels; few-shot probes need them: use an ImageFolder layout "
+            "(one subfolder per class) or a named dataset such as digits"
+        )
+    return dataset
+
+
+def _pool_and_test(vit: ViT, data: Any, test_data: Any, num_images: int | None) -> tuple[ImageDataset, ImageDataset]:
+    """The pool the shots are drawn from and the images scored, opened from specs where given as such."""
+    from vitlens.data import ImageDataset, open_dataset
+
+    def open_split(spec: Any, split: str) -> ImageDataset:
+        return open_dataset(spec, vit.preprocess, split=split, num_images=num_images, require_labels=True)  # type: ignore[arg-type]
+
+    if num_images is not None and isinstance(data, ImageDataset) and not isinstance(test_data, str | os.PathLike):
+        raise ParameterError(
+            "num_images", "num_images applies to a data spec; a dataset is used whole (open it with num_images=)"
+        )
+    if isinstance(data, ImageDataset):
+        if test_data is None:
+            raise ParameterError(
+                "test_data",
+                "test_data is needed when data is a dataset (the pool of shots): give the images to score, "
+                "or data as a spec string, whose train and test splits are used",
+            )
+        pool = _labelled(data)
+    else:
+        pool = open_split(data, "train")
+    if test_data is None:
+        test = open_split(data, "test")
+    else:
+        test = _labelled(test_data) if isinstance(test_data, ImageDataset) else open_split(test_data, "all")
+        if list(test.classes or []) != list(pool.classes or []):
+            raise VitlensError(
+                f"the test data {test.spec} has classes {_brief(test.classes)} but {pool.spec} has "
+                f"{_brief(pool.classes)}; they must be the same, in the same order"
+            )
+    return pool, test
+
+
+def fewshot(
+    vit: ViT,
+    data: ImageDataset | str | os.PathLike,
+    *,
+    test_data: ImageDataset | str | os.PathLike | None = None,
+    shots: Sequence[int] | str = defaults.FEWSHOT_SHOTS,
+    seeds: int = defaults.FEWSHOT_SEEDS,
+    l2: float | Literal["auto"] = defaults.FEWSHOT_L2,
+    layers: Sequence[int] | int | str | None = None,
+    feature: Literal["pre-logits", "cls", "gap"] | None = None,
+    num_images: int | None = None,
+    allow_fewer: bool = False,
+    batch_size: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    use_cache: bool = True,
+    progress: Progress | None = None,
+) -> FewShotProbeResult:
+    """Few-shot accuracy of linear probes on frozen features: ridge regression to ±1 targets (ViT paper §4.1).
+
+    The protocol of big_vision's ``fewshot_lsr`` evaluator: for each seed and shots count ``k``, the first ``k``
+    images of each class's seeded permutation of the pool; features standardised with those shots' statistics and a
+    bias feature appended; targets ``2 onehot - 1``; ridge weights ``W = (XᵀX + λI)⁻¹ XᵀY`` in closed form
+    (:func:`vitlens.analysis.fewshot.fewshot_lsr`); accuracy of the argmax on the test images. Features come from one
+    forward pass per part, for every layer at once, and are cached on disk.
+
+    Args:
+        vit: the model (:func:`vitlens.load`).
+        data: a data spec (``digits``, ``cifar10``, a folder), whose train split is the pool of shots and test split
+            the images scored; or a labelled :class:`~vitlens.data.ImageDataset`, the pool (then ``test_data`` is
+            needed).
+        test_data: the images to score instead of the test split of ``data``: a spec (used whole, all splits) or a
+            dataset; its classes must be those of ``data``, in the same order.
+        shots: training examples per class, e.g. ``(1, 5, 10, 25)`` (big_vision's) or ``"1,5,10"``.
+        seeds: random shot draws per shots count (seeds ``0 .. seeds-1``).
+        l2: the ridge penalty λ (big_vision's 2¹⁰), or ``"auto"``: chosen per shots count and layer by leave-one-out
+            on the training shots (never on the test images).
+        layers: blocks to probe, 0-based (negative from the end): an index, several, or ``"all"``; None for the
+            pre-logits after the last block. Probing every layer draws a layer-by-shots heat map.
+        feature: ``pre-logits`` (what the head sees; the default without ``layers``), ``cls`` (the class token after
+            the block) or ``gap`` (the mean of the patch tokens after the block); with ``layers`` the default is
+            ``cls``, or ``gap`` for models without a class token.
+        num_images: a stratified subset of this many images of each split opened from a spec; None for all.
+        allow_fewer: use all examples of classes with fewer than ``max(shots)`` instead of failing.
+        batch_size: images per forward pass; None for the device's default.
+        cache_dir: the feature cache folder (default ``$VITLENS_CACHE_DIR`` or ``~/.cache/vitlens/features``).
+        use_cache: read and write the feature cache.
+        progress: called as ``progress(done, total)`` while features are extracted (pool, then test images).
+
+    Returns:
+        The accuracies, with the data and cache facts of the run.
+
+    Raises:
+        ParameterError: a bad option, a layer outside the model, pre-logits asked for at an inner layer, a dataset
+            as ``data`` without ``test_data``, or ``num_images`` with no spec to open.
+        VitlensError: unlabelled data, test classes unlike the pool's, a class short of shots (unless
+            ``allow_fewer``), ``cls`` on a model without a class token, or an image that cannot be read.
+    """
+    import time
+
+    from vitlens.analysis.fewshot import check_shot_pool, fewshot_lsr
+    from vitlens.feature_cache import cached_features
+    from vitlens.features import resolve_feature_layers
+    from vitlens.log import logger
+
+    shot_counts, seeds, l2 = check_shots(shots), check_seeds(seeds), check_l2(l2)
+    kind = check_feature(feature)
+    _check_count("num_images", num_images, "be a positive number")
+    _check_count("batch_size", batch_size, "be at least 1")
+    chosen = check_layers(layers, vit.depth)
+    kind = kind or ("pre-logits" if chosen is None else "cls" if vit.layout.has_class_token else "gap")
+    if kind == "pre-logits" and chosen not in (None, [vit.depth - 1]):
+        raise ParameterError(
+            "layers",
+            f"layers {chosen} need feature cls or gap: pre-logits exist after the last block only",
+        )
+    chosen = resolve_feature_layers(vit, chosen, kind)  # a VitlensError for cls on a model without a class token
+
+    pool, test = _pool_and_test(vit, data, test_data, num_images)
+    classes = list(pool.classes or [])
+    # Fails here, before any forward pass, on a single class or a class short of examples.
+    short = check_shot_pool(
+        pool.labels, shots=shot_counts, num_classes=len(classes), class_names=classes, allow_fewer=allow_fewer
+    )
+    if short:
+        listed = ", ".join(f"{name!r} ({count})" for name, count in short.items())
+        logger.warning(f"fewer than {max(shot_counts)} training examples in class {listed}: using all (allow_fewer)")
+
+    total = len(pool) + len(test)
+    feats, cache = {}, {}
+    for part, dataset, offset in (("train", pool, 0), ("test", test, len(pool))):
+        # One progress count over both parts; a part read from the cache reports nothing.
+        report = None if progress is None else (lambda done, _n, _offset=offset: progress(_offset + done, total))
+        feats[part], cache[part] = cached_features(
+            vit,
+            dataset,
+            layers=chosen,
+            feature=kind,  # type: ignore[arg-type]
+            batch_size=batch_size,
+            cache_dir=cache_dir,
+            use_cache=use_cache,
+            progress=report,
+        )
+    started = time.perf_counter()
+    probe = fewshot_lsr(
+        feats["train"],
+        pool.labels,
+        feats["test"],
+        test.labels,
+        shots=shot_counts,
+        seeds=seeds,
+        l2=l2,
+        device=vit.device,
+        num_classes=len(classes),
+        class_names=classes,
+        allow_fewer=allow_fewer,
+        feature=kind,
+    )
+    solve_seconds = time.perf_counter() - started
+    facts = (bool(allow_fewer), vit.source, pool.spec, test.spec, tuple(classes), vit.depth, cache)
+    return FewShotProbeResult(probe, *facts, solve_seconds=solve_seconds)
+
+
+def _section(run: Any) -> FewShotProbeResult:
+    pool = run.open(run.data, split="train", num_images=None)
+    if pool.labels is None or not pool.classes:
+        raise NotApplicable(f"{pool.spec} has no labels")
+    test = run.open(run.data, split="test", num_images=None, require_labels=True)
+    options = {"shots": run.shots, "seeds": run.seeds, "l2": run.l2, "batch_size": run.batch_size}
+    return fewshot(run.vit, pool, test_data=test, cache_dir=run.cache_dir, use_cache=run.use_cache, **options)
+
+
+DEFINITION = register(
+    Definition(
+        name="fewshot",
+        title="few-shot linear probes",
+        paper="ViT paper §4.1 (big_vision's fewshot_lsr)",
+        result=FewShotProbeResult,
+        compute=fewshot,
+        section=_section,
+        needs_data=True,
+    )
+)

@@ -1,0 +1,141 @@
+"""Features of a frozen ViT for probes: any set of layers' token representations from one forward pass.
+
+Block outputs are read by scoped hooks (removed even when the forward raises); ``pre-logits`` is what the classifier
+head sees (the final norm, then the class token or the mean of patch tokens), ``cls`` and ``gap`` a block output's
+class token and mean patch token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from vitlens.capture import resolve_layers
+from vitlens.data import iterate_batches
+from vitlens.device import resolve_batch_size
+from vitlens.errors import UsageError, VitlensError
+
+if TYPE_CHECKING:
+    from vitlens.data import ImageDataset
+    from vitlens.models.vit import ViT
+
+FeatureKind = Literal["pre-logits", "cls", "gap"]
+FEATURE_KINDS: tuple[str, ...] = ("pre-logits", "cls", "gap")
+Progress = Callable[[int, int], None]  # progress(done_images, total_images)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Feature extraction
+
+
+def resolve_feature_layers(vit: ViT, layers: Sequence[int] | None, feature: FeatureKind) -> list[int]:
+    """Check ``feature`` against the model and turn ``layers`` into sorted 0-based block indices.
+
+    Pre-logits (final norm and pooling, what the classifier head sees) exist after the last block only; they are
+    keyed by that block's index. ``None`` means the last block.
+
+    Raises:
+        UsageError: unknown ``feature``, a layer out of range, or pre-logits asked for at an inner layer.
+        VitlensError: ``cls`` on a model without a class token.
+    """
+    if feature not in FEATURE_KINDS:
+        raise UsageError(f"--feature must be one of {', '.join(FEATURE_KINDS)}, not {feature!r}")
+    depth = vit.depth
+    chosen = resolve_layers([-1] if layers is None else list(layers), depth)
+    if feature == "pre-logits" and chosen != [depth - 1]:
+        raise UsageError("pre-logits exist after the last block only; use --feature cls or --feature gap with --layer")
+    if feature == "cls" and not vit.layout.has_class_token:
+        raise VitlensError("this model has no class token (it pools the patch tokens); use --feature gap")
+    return chosen
+
+
+@contextmanager
+def block_outputs(vit: ViT, layers: Sequence[int], on_block: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
+    """Call ``on_block(layer, tokens [B, N, D])`` as each chosen block of ``vit`` finishes, inside the block only.
+
+    The hooks are removed in ``finally``, also when the forward raises.
+    """
+    blocks = vit.blocks()
+    handles = []
+    try:
+        for layer in layers:
+
+            def hook(_module, _inputs, output, _layer=layer):
+                on_block(_layer, output)
+
+            handles.append(blocks[layer].register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def extract_features(
+    vit: ViT,
+    dataset: ImageDataset,
+    *,
+    layers: Sequence[int] | None = None,
+    feature: FeatureKind = "pre-logits",
+    batch_size: int | None = None,
+    progress: Progress | None = None,
+    num_workers: int = 0,
+) -> dict[int, torch.Tensor]:
+    """Frozen features of every image of ``dataset``, for all ``layers`` from one forward pass.
+
+    Args:
+        vit: the loaded model; batches go to ``vit.device``.
+        dataset: images preprocessed for ``vit``.
+        layers: 0-based block indices (negative from the end); None for the last block.
+        feature: ``pre-logits`` (what the head sees), ``cls`` (the class token after the block) or ``gap`` (the mean
+            of the patch tokens after the block). ``cls`` and ``gap`` read the block's raw output (the residual
+            stream, before the final norm): the probe standardises every feature anyway.
+        batch_size: images per forward pass; None for the device's default (:func:`vitlens.device.default_batch_size`).
+        progress: called as ``progress(done, total)`` before the first batch and after every batch.
+        num_workers: DataLoader worker processes.
+
+    Returns:
+        ``{layer: [len(dataset), D] float32 on the CPU}``, rows in dataset order.
+
+    Raises:
+        UsageError / VitlensError: as :func:`resolve_feature_layers`; an image could not be read (rows must line up
+            with ``dataset.labels``).
+    """
+    chosen = resolve_feature_layers(vit, layers, feature)
+    layout = vit.layout
+    n = len(dataset)
+    parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in chosen}  # [B, D] per batch, in order
+
+    def pool(tokens: torch.Tensor) -> torch.Tensor:  # [B, N, D] -> [B, D]
+        if feature == "cls":
+            return tokens[:, layout.token_index("cls")]
+        return tokens[:, layout.patch_slice].mean(dim=1)
+
+    def keep(layer: int, tokens: torch.Tensor) -> None:
+        parts[layer].append(pool(tokens).float().cpu())
+
+    done = seen = 0
+    if progress is not None:
+        progress(0, n)
+    dtype = next(vit.model.parameters()).dtype
+    batch_size = resolve_batch_size(batch_size, vit.device)
+    with torch.inference_mode(), block_outputs(vit, [] if feature == "pre-logits" else chosen, keep):
+        for batch in iterate_batches(dataset, batch_size=batch_size, num_workers=num_workers, device=vit.device):
+            tokens = vit.features(batch.images.to(dtype))  # [B, N, D]
+            if feature == "pre-logits":
+                parts[chosen[0]].append(vit.pre_logits(tokens).float().cpu())  # [B, D]
+            seen += batch.images.shape[0]
+            if progress is not None:
+                done = int(batch.indices[-1]) + 1
+                progress(done, n)
+    if progress is not None and done != n:
+        progress(n, n)
+    if seen != n:
+        # A skipped image would shift every later row against dataset.labels.
+        raise VitlensError(
+            f"{n - seen} of {n} images of {dataset.spec} could not be read; few-shot probes need every image "
+            "of the split (remove the unreadable files)"
+        )
+    return {layer: torch.cat(parts[layer]) for layer in chosen}  # [N, D] each
