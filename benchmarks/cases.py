@@ -18,7 +18,6 @@ import resource
 import sys
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -39,20 +38,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@contextmanager
-def _fused(vit, on: bool):
-    """Every attention module's ``fused_attn`` set to ``on`` for the block's duration, restored after."""
-    owners = [site.flag_owner for site in vit.attention_sites()]
-    saved = [owner.fused_attn for owner in owners]
-    for owner in owners:
-        owner.fused_attn = on
-    try:
-        yield
-    finally:
-        for owner, flag in zip(owners, saved, strict=True):
-            owner.fused_attn = flag
-
-
 def _forward(vit, dataset, batch_size: int, *, fused: bool) -> Callable[[], None]:
     from vitlens.data import iterate_batches
 
@@ -61,7 +46,7 @@ def _forward(vit, dataset, batch_size: int, *, fused: bool) -> Callable[[], None
     def run() -> None:
         # fused=True is the floor: timm's own forward, SDPA, nothing captured. fused=False is timm's explicit
         # path, which materialises every layer's attention map: the floor of any method that reads the maps.
-        with torch.inference_mode(), _fused(vit, fused):
+        with torch.inference_mode(), vit.fused_attention(fused):
             for batch in iterate_batches(dataset, batch_size=batch_size, device=vit.device):
                 vit.model(batch.images.to(dtype))
 
@@ -129,7 +114,7 @@ def _keep_every_map(vit, dataset, batch_size: int, rss_cap_mib: float | None = N
         ]
         done = 0
         try:
-            with torch.inference_mode(), _fused(vit, False):
+            with torch.inference_mode(), vit.fused_attention(False):
                 for batch in iterate_batches(dataset, batch_size=batch_size, device=vit.device):
                     vit.model(batch.images.to(dtype))
                     done += batch.images.shape[0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from types import SimpleNamespace
 
 import numpy as np
@@ -20,11 +21,32 @@ from vitlens.data import open_dataset
 from vitlens.definitions.fewshot import DEFINITION, FewShotProbeResult, fewshot
 from vitlens.errors import NotApplicable, ParameterError, VitlensError
 from vitlens.features import extract_features
+from vitlens.log import logger
 from vitlens.registry import get
 from vitlens.result import load_result
 
 NUM_IMAGES = 100  # per split: 10 digits of each class
 FAST = {"shots": (1, 5), "seeds": 2, "num_images": NUM_IMAGES, "use_cache": False}
+
+
+@pytest.fixture
+def vitlens_warnings():
+    """The messages the ``vitlens`` logger warns while the test runs, by a handler on that logger itself (a CLI
+    invocation earlier in the session turns its propagation to the root logger, and so ``caplog``, off)."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler, level = Collect(logging.WARNING), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +90,71 @@ def test_layers_and_feature(demo, splits, every_layer):
     assert every_layer.probe.layers == tuple(range(demo.depth)) and every_layer.probe.feature == "cls"
     assert every_layer.probe.l2_auto and every_layer.heatmap
     pool, test = splits
-    two = fewshot(demo, pool, test_data=test, shots=1, seeds=1, layers=[0, -1], feature="GAP", use_cache=False)
-    assert two.probe.layers == (0, demo.depth - 1) and two.probe.feature == "gap" and not two.heatmap
+    two = fewshot(demo, pool, test_data=test, shots=1, seeds=1, layers=[0, -1], feature="Mean-Patch", use_cache=False)
+    assert two.probe.layers == (0, demo.depth - 1) and two.probe.feature == "mean-patch" and not two.heatmap
     text = every_layer.summary()
     assert "best of 4 layers" in text and text.startswith("5-shot accuracy ")
     assert every_layer.key_numbers()["layer"] in every_layer.probe.layers
+
+
+def test_gap_is_a_deprecated_alias_of_mean_patch(demo, splits, vitlens_warnings):
+    pool, test = splits
+    options = {"test_data": test, "shots": 1, "seeds": 1, "layers": [0, -1], "use_cache": False}
+    new = fewshot(demo, pool, feature="mean-patch", **options)
+    assert vitlens_warnings == []
+    old = fewshot(demo, pool, feature="gap", **options)
+    assert vitlens_warnings == ["feature 'gap' is deprecated; use 'mean-patch' (the same features)"]  # once
+    assert old == new and old.probe.feature == "mean-patch" and old.to_dict()["feature"] == "mean-patch"
+
+
+def test_a_file_written_before_the_rename_reads_back_as_mean_patch(every_layer, tmp_path):
+    mean_patch = dataclasses.replace(every_layer, probe=dataclasses.replace(every_layer.probe, feature="mean-patch"))
+    mean_patch.save(tmp_path, fmt="svg")
+    saved = json.loads((tmp_path / "fewshot.json").read_text())
+    (tmp_path / "fewshot.json").write_text(json.dumps({**saved, "feature": "gap"}))  # as vitlens wrote it then
+    back = load_result(tmp_path)
+    assert back.probe.feature == "mean-patch" and back == mean_patch
+
+
+def _image_folder(root, counts: dict[str, int], *, seed: int = 0) -> str:
+    """An ImageFolder of tiny random PNGs, ``counts[class]`` per class; its path as a spec."""
+    rng = np.random.default_rng(seed)
+    for name, count in counts.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 255, (10, 10, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return str(root)
+
+
+def test_test_data_makes_all_of_data_the_shot_pool(demo, tmp_path):
+    pool = _image_folder(tmp_path / "pool", {"ant": 10, "bee": 10, "cow": 10})
+    held = _image_folder(tmp_path / "held", {"ant": 2, "bee": 2, "cow": 2}, seed=1)
+    options = {"test_data": held, "shots": (1, 5), "seeds": 1, "use_cache": False}
+    whole = fewshot(demo, pool, **options)
+    assert whole.probe.num_train == 30 and whole.data == f"{pool}:all" and whole.probe.num_test == 6
+    assert fewshot(demo, pool, split="all", **options) == whole
+    train = fewshot(demo, pool, split="train", **options)  # the 80/20 hold-out of a plain folder, on request
+    assert train.probe.num_train == 24 and train.data == f"{pool}:train" and train.test_data == f"{held}:all"
+    alone = fewshot(demo, pool, shots=1, seeds=1, use_cache=False)  # no test_data: train is scored on test
+    assert (alone.probe.num_train, alone.probe.num_test, alone.test_data) == (24, 6, f"{pool}:test")
+
+
+@pytest.mark.parametrize(
+    ("data", "kwargs", "needle"),
+    [
+        ("digits", {"split": "all"}, r"split 'all' leaves nothing to score \(all of data is the shot pool\): give"),
+        ("digits", {"split": "test"}, "split must be train or all, not 'test'"),
+        ("digits", {"split": 1}, "split must be train or all, not 1"),
+        ("pool", {"split": "train"}, "split applies to a data spec"),
+    ],
+)
+def test_bad_split_names_its_parameter(demo, splits, data, kwargs, needle):
+    pool, test = splits
+    data = pool if data == "pool" else data
+    extra = {"test_data": test, "num_images": None} if data is pool else {}
+    with pytest.raises(ParameterError, match=needle) as info:
+        fewshot(demo, data, **{**FAST, **extra, **kwargs})
+    assert info.value.param == "split"
 
 
 def test_the_cache_is_read_back(demo, splits, tmp_path):
@@ -143,7 +225,7 @@ def test_repr_summary_and_html(result):
         ({"layers": "1;2"}, "layers", "layers must be 'all' or 0-based layer indices"),
         ({"layers": [0.5]}, "layers", "layers must be 'all' or 0-based layer indices"),
         ({"layers": [0], "feature": "pre-logits"}, "layers", "pre-logits exist after the last block only"),
-        ({"feature": "mean"}, "feature", "feature must be one of pre-logits, cls, gap, not 'mean'"),
+        ({"feature": "mean"}, "feature", "feature must be one of pre-logits, cls, mean-patch, not 'mean'"),
         ({"num_images": 0}, "num_images", "num_images must be a positive number, not 0"),
         ({"batch_size": 0}, "batch_size", "batch_size must be at least 1, not 0"),
     ],
@@ -179,7 +261,7 @@ def test_datasets_need_test_data_and_matching_labelled_classes(demo, splits, tmp
         (["--shots", "0"], "--shots must be positive integers"),
         (["--l2", "0"], "--l2 must be a positive number or 'auto'"),
         (["--layer", "9"], "--layer: layer 9 is out of range"),
-        (["--layer", "0", "--feature", "pre-logits"], "--layer [0] need feature cls or gap: pre-logits"),
+        (["--layer", "0", "--feature", "pre-logits"], "--layer [0] need feature cls or mean-patch: pre-logits"),
         (["--feature", "mean"], "--feature must be one of"),
     ],
 )

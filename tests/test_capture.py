@@ -88,3 +88,39 @@ def test_no_attention_module_raises():
     vit = _wrap(model)
     with pytest.raises(VitlensError, match="no timm attention module"), attention_capture(vit, lambda i, a: None):
         pass
+
+
+def _hook_count(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_one_hook_manager_captures_attention_and_blocks_in_one_pass():
+    model = make_vit("reg")
+    vit = ViT(model, Preprocess(img_size=(32, 32)))
+    x = input_for(model)
+    attn, blocks = {}, {}
+    with torch.no_grad():
+        with vit.hooks(attention=lambda i, a: attn.__setitem__(i, a.clone()), blocks=blocks.__setitem__, layers=[-1]):
+            out = vit.model.forward_features(x)
+        reference = vit.model.forward_features(x)
+        # Independent: the last block's output by running the blocks by hand (timm's forward_features minus norm).
+        tokens = vit.model.norm_pre(vit.model._pos_embed(vit.model.patch_embed(x)))
+        for block in vit.model.blocks:
+            tokens = block(tokens)
+    assert sorted(attn) == sorted(blocks) == [1]
+    torch.testing.assert_close(blocks[1], tokens)
+    torch.testing.assert_close(out, reference)  # capturing changes nothing
+    assert attn[1].shape == (2, 3, 21, 21) and torch.allclose(attn[1].sum(-1), torch.ones(2, 3, 21))
+    assert _hook_count(model) == 0
+
+
+def test_fused_attention_switch_is_scoped_and_restored_after_an_error():
+    model = make_vit("cls")
+    vit = ViT(model, Preprocess(img_size=(32, 32)))
+    before = [b.attn.fused_attn for b in model.blocks]
+    with vit.fused_attention(not before[0]):
+        assert all(b.attn.fused_attn is (not before[0]) for b in model.blocks)
+    assert [b.attn.fused_attn for b in model.blocks] == before
+    with pytest.raises(RuntimeError), vit.hooks(attention=lambda i, a: None, blocks=lambda i, t: None):
+        raise RuntimeError("forward failed")
+    assert [b.attn.fused_attn for b in model.blocks] == before and _hook_count(model) == 0

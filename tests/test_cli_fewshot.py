@@ -88,26 +88,41 @@ def test_prelogits_end_to_end_matches_the_library(tmp_path, forward_calls):
         assert im.format == "PNG" and im.size[0] > 300
 
 
-def test_every_layer_gap_in_one_forward_pass_then_from_the_cache(tmp_path, forward_calls):
-    ckpt, args = fixture_checkpoint(tmp_path, "gap")
-    common = [ckpt, *args, *FAST, "--layer", "all", "--feature", "gap", "--batch-size", "256"]
-    first = _run(*common, "--out", str(tmp_path / "a"), "--json", "--cache-dir", str(tmp_path / "cache"))
+def test_every_layer_mean_patch_in_one_forward_pass_then_from_the_cache(tmp_path, forward_calls):
+    ckpt, args = fixture_checkpoint(tmp_path, "gap")  # the model without a class token
+    common = [ckpt, *args, *FAST, "--layer", "all", "--batch-size", "256", "--json"]
+
+    def run(feature: str, out: str, *extra: str):
+        return _run(*common, "--feature", feature, "--out", str(tmp_path / out), *extra)
+
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    first = run("mean-patch", "a", *cache)
     assert first.exit_code == 0, first.output
     assert forward_calls[0] == 2  # both layers from the same pass over each split
     data = json.loads(first.stdout)
-    assert data["layers"] == [0, 1] and data["feature"] == "gap" and data["depth"] == 2
+    assert data["layers"] == [0, 1] and data["feature"] == "mean-patch" and data["depth"] == 2
     assert sorted((r["shots"], r["layer"]) for r in data["results"]) == [(1, 0), (1, 1), (5, 0), (5, 1)]
     with open(tmp_path / "a" / "fewshot.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 2 * 2 * 2
     assert (tmp_path / "a" / "fewshot.png").stat().st_size > 0
 
-    second = _run(*common, "--out", str(tmp_path / "b"), "--json", "--cache-dir", str(tmp_path / "cache"))
+    second = run("mean-patch", "b", *cache)
     assert second.exit_code == 0, second.output
     assert forward_calls[0] == 2  # no forward pass at all
     again = json.loads(second.stdout)
     assert again["cache"] == {"train": "hit", "test": "hit"} and again["results"] == data["results"]
 
-    bypass = _run(*common, "--out", str(tmp_path / "c"), "--json", "--no-cache", "--cache-dir", str(tmp_path / "cache"))
+    # The old name `gap` still works: a one-line deprecation warning, the same features (read from the same cache
+    # entry, so no forward pass), and `mean-patch` in the JSON.
+    old = run("gap", "d", *cache)
+    assert old.exit_code == 0, old.output
+    warned = [ln for ln in old.stderr.splitlines() if "deprecated" in ln]
+    assert warned == ["warning: feature 'gap' is deprecated; use 'mean-patch' (the same features)"], old.stderr
+    old_data = json.loads(old.stdout)
+    assert old_data["feature"] == "mean-patch" and old_data["cache"] == {"train": "hit", "test": "hit"}
+    assert old_data["results"] == data["results"] and forward_calls[0] == 2
+
+    bypass = run("mean-patch", "c", *cache, "--no-cache")
     assert json.loads(bypass.stdout)["cache"] == {"train": "off", "test": "off"} and forward_calls[0] == 4
 
 
@@ -122,8 +137,9 @@ def test_auto_l2_table_allow_fewer_test_data_and_svg(tmp_path):
     data = json.loads(result.stdout)
     assert data["l2"] == "auto" and data["feature"] == "cls" and data["layers"] == [1]
     assert data["num_test"] == 12 and data["num_classes"] == 3 and data["classes"] == ["ant", "bee", "cow"]
-    assert data["allow_fewer"] is True and data["short_classes"] == {"bee": 2}  # 3 images, 80/20 hold-out: 2 left
-    assert "fewer than 4 training examples in class 'bee' (2): using all" in result.stderr
+    # With --test-data all of --data is the pool: bee keeps its 3 images (an 80/20 hold-out would leave 2).
+    assert data["allow_fewer"] is True and data["short_classes"] == {"bee": 3} and data["num_train"] == 15
+    assert "fewer than 4 training examples in class 'bee' (3): using all" in result.stderr
     assert all(2.0**-2 <= r["l2"] <= 2.0**16 for r in data["results"])
     assert (tmp_path / "out" / "fewshot.svg").read_text().lstrip().startswith("<?xml")
 
@@ -148,7 +164,9 @@ def test_auto_l2_table_allow_fewer_test_data_and_svg(tmp_path):
         (["--l2", "inf"], 2, "--l2 must be a positive number or 'auto'"),
         (["--layer", "1;2"], 2, "--layer must be 'all' or 0-based layer indices"),
         (["--layer", "7"], 2, "layer 7 is out of range"),
-        (["--feature", "mean"], 2, "--feature must be one of pre-logits, cls, gap"),
+        (["--feature", "mean"], 2, "--feature must be one of pre-logits, cls, mean-patch, not 'mean'"),
+        (["--split", "test"], 2, "--split must be train or all, not 'test'"),
+        (["--split", "all"], 2, "--split all leaves nothing to score"),
         (["--layer", "0", "--feature", "pre-logits"], 2, "pre-logits exist after the last block only"),
         (["--shots", "500"], 1, "class '0' has"),
     ],
@@ -158,6 +176,45 @@ def test_bad_options_are_one_line_errors_that_write_nothing(tmp_path, extra, cod
     out = tmp_path / "out"
     assert_one_line_error(_run(ckpt, *args, "--num-images", "200", "--out", str(out), *extra), code, needle)
     assert not out.exists()
+
+
+def test_test_data_makes_all_of_data_the_shot_pool(tmp_path):
+    ckpt, args = fixture_checkpoint(tmp_path, "reg")
+    _image_folder(tmp_path / "pool", {"ant": 10, "bee": 10, "cow": 10})
+    _image_folder(tmp_path / "held", {"ant": 3, "bee": 3, "cow": 3}, seed=1)
+    pool, held = str(tmp_path / "pool"), str(tmp_path / "held")
+    common = [ckpt, *args, "--data", pool, "--test-data", held, "--shots", "1,5", "--seeds", "1", "--no-cache"]
+
+    whole = _run(*common, "--out", str(tmp_path / "a"), "--json")
+    assert whole.exit_code == 0, whole.output
+    data = json.loads(whole.stdout)
+    assert data["num_train"] == 30 and data["num_test"] == 9  # every image of --data is a candidate shot
+    assert data["data"] == f"{pool}:all" and data["test_data"] == f"{held}:all"
+
+    # --split train keeps the 80/20 hold-out of a plain folder (its 20% unused: --test-data is scored instead).
+    train = _run(*common, "--split", "train", "--out", str(tmp_path / "b"), "--json")
+    assert train.exit_code == 0, train.output
+    data = json.loads(train.stdout)
+    assert data["num_train"] == 24 and data["data"] == f"{pool}:train" and data["num_test"] == 9
+
+    # Without --test-data the default is still train, and its test split is scored; --split all is an error.
+    alone = _run(ckpt, *args, "--data", pool, "--shots", "1", "--seeds", "1", "--no-cache", "--json")
+    assert alone.exit_code == 0, alone.output
+    data = json.loads(alone.stdout)
+    assert (data["num_train"], data["num_test"]) == (24, 6) and data["test_data"] == f"{pool}:test"
+    nothing = _run(ckpt, *args, "--data", pool, "--split", "all", "--out", str(tmp_path / "c"))
+    assert_one_line_error(
+        nothing, 2, "--split all leaves nothing to score (all of --data is the shot pool): give --test"
+    )
+    assert not (tmp_path / "c").exists()
+
+
+def test_help_says_what_the_pool_is():
+    result = runner.invoke(app, ["fewshot", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert result.exit_code == 0
+    text = " ".join(result.stdout.replace("│", " ").split())
+    assert "--split" in text and "With --test-data, all of --data is the shot pool" in text
+    assert "mean-patch" in text and "gap" not in text
 
 
 def test_cls_feature_on_a_model_without_class_token(tmp_path):

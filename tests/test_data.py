@@ -157,6 +157,36 @@ def test_non_square_input_resizes_both_sides(tmp_path):
     np.testing.assert_array_equal(pixels(ds)[0, 0], np.arange(32) * 6)
 
 
+def _sample_photo(name: str) -> Image.Image:
+    from sklearn.datasets import load_sample_image
+
+    if name == "tall":  # 427 x 263 (H x W): portrait, and 256 * 427 / 263 = 415.6 is far from a whole number
+        return Image.fromarray(load_sample_image("flower.jpg")[:, 150:413])
+    return Image.fromarray(load_sample_image(name))  # 427 x 640, landscape
+
+
+@pytest.mark.parametrize("crop_pct", [0.875, 0.9, 1.0])
+@pytest.mark.parametrize(
+    ("photo", "interpolation"), [("china.jpg", "bicubic"), ("flower.jpg", "bilinear"), ("tall", "bicubic")]
+)
+def test_centre_crop_equals_timms_eval_transform_on_non_square_photos(tmp_path, photo, interpolation, crop_pct):
+    # Non-square photos resize their shorter side to floor(224 / crop_pct) and their longer side in proportion:
+    # 383.7 px for china.jpg at 0.875, which torchvision's Resize (under timm) truncates; rounding would give 384 and a
+    # different centre crop. Real photos, so that a shift or a rescale of the crop changes the pixels.
+    from timm.data import create_transform
+
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    image = _sample_photo(photo)
+    path = save(tmp_path / "photo.png", image)  # lossless: both sides read the same pixels
+    pre = Preprocess(img_size=(224, 224), mean=mean, std=std, interpolation=interpolation, crop_pct=crop_pct)
+    ours = open_dataset(str(path), pre)[0][0]  # [3, 224, 224]
+    timm_eval = create_transform(
+        input_size=(3, 224, 224), interpolation=interpolation, mean=mean, std=std, crop_pct=crop_pct, crop_mode="center"
+    )
+    theirs = timm_eval(image)  # [3, 224, 224]
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
 # ---------------------------------------------------------------- mode conversion
 
 

@@ -108,7 +108,7 @@ def test_model_driven_analyses_create_nothing_off_device(name, monkeypatch):
     distance = _on_inputs_device(lambda: mean_attention_distance_for(vit, dataset, batch_size=4))
     rollout = _on_inputs_device(lambda: rollout_for(vit, dataset, batch_size=4, discard_ratio=0.3))
     heads = _on_inputs_device(lambda: head_attention_for(vit, dataset, layer=-1, batch_size=4))
-    kind = "cls" if vit.layout.has_class_token else "gap"
+    kind = "cls" if vit.layout.has_class_token else "mean-patch"
     feats = _on_inputs_device(lambda: extract_features(vit, dataset, layers=[0, -1], feature=kind, batch_size=4))
     pre_logits = _on_inputs_device(lambda: extract_features(vit, dataset, batch_size=4))
     assert distance.num_images == 6 and rollout.maps.shape == (6, *vit.layout.grid_size)

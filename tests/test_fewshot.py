@@ -31,7 +31,28 @@ from vitlens.errors import UsageError, VitlensError
 from vitlens.feature_cache import cache_path, cached_features, feature_cache_key
 from vitlens.features import extract_features
 from vitlens.layout import Preprocess
+from vitlens.log import logger
 from vitlens.models import ViT, load_vit
+
+
+@pytest.fixture
+def vitlens_warnings():
+    """The messages the ``vitlens`` logger warns while the test runs, by a handler on that logger itself (a CLI
+    invocation earlier in the session turns its propagation to the root logger, and so ``caplog``, off)."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    handler, level = Collect(logging.WARNING), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _blobs(per_class: int, num_classes: int, dim: int, *, spread: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -318,11 +339,11 @@ def test_features_of_several_layers_come_from_one_forward_pass(tmp_path, name):
     calls = _count_forward(vit)
     images, intermediates = _reference_tokens(vit, dataset)  # timm's own per-block outputs, patches and prefix apart
     calls[0] = 0
-    gap = extract_features(vit, dataset, layers=[0, -1], feature="gap", batch_size=8)
+    mean_patch = extract_features(vit, dataset, layers=[0, -1], feature="mean-patch", batch_size=8)
     assert calls[0] == 3  # ceil(20 / 8) batches, not one pass per layer
-    assert list(gap) == [0, 1] and gap[0].shape == (20, 48) and gap[0].dtype == torch.float32
+    assert list(mean_patch) == [0, 1] and mean_patch[0].shape == (20, 48) and mean_patch[0].dtype == torch.float32
     for layer, (patches, _prefix) in enumerate(intermediates):
-        torch.testing.assert_close(gap[layer], patches.mean(1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mean_patch[layer], patches.mean(1), rtol=1e-5, atol=1e-5)
     if name == "reg":
         cls = extract_features(vit, dataset, layers=[1], feature="cls", batch_size=7)
         torch.testing.assert_close(cls[1], intermediates[1][1][:, 0], rtol=1e-5, atol=1e-5)
@@ -338,15 +359,31 @@ def test_features_of_several_layers_come_from_one_forward_pass(tmp_path, name):
 
 def test_feature_options_are_checked(loaded):
     vit, dataset = loaded
-    gap_vit = _in_memory("gap")
-    with pytest.raises(VitlensError, match="no class token"):
+    gap_vit = _in_memory("gap")  # the model without a class token
+    with pytest.raises(VitlensError, match="no class token .*; use --feature mean-patch"):
         extract_features(gap_vit, dataset, layers=[0], feature="cls")
-    with pytest.raises(UsageError, match="pre-logits exist after the last block only"):
+    with pytest.raises(UsageError, match="pre-logits exist after the last block only; use --feature cls or --featu"):
         extract_features(vit, dataset, layers=[0], feature="pre-logits")
     with pytest.raises(UsageError, match="out of range"):
-        extract_features(vit, dataset, layers=[5], feature="gap")
-    with pytest.raises(UsageError, match="--feature must be one of"):
+        extract_features(vit, dataset, layers=[5], feature="mean-patch")
+    with pytest.raises(UsageError, match="--feature must be one of pre-logits, cls, mean-patch, not 'mean'"):
         extract_features(vit, dataset, feature="mean")
+
+
+def test_gap_is_a_deprecated_alias_of_mean_patch(loaded, tmp_path, vitlens_warnings):
+    vit, dataset = loaded
+    new = extract_features(vit, dataset, layers=[0], feature="mean-patch")
+    assert vitlens_warnings == []
+    old = extract_features(vit, dataset, layers=[0], feature="gap")
+    assert vitlens_warnings == ["feature 'gap' is deprecated; use 'mean-patch' (the same features)"]  # once
+    torch.testing.assert_close(old[0], new[0], rtol=0, atol=0)
+    # One cache entry for both names, keyed by the new one.
+    cache = tmp_path / "cache"
+    assert cached_features(vit, dataset, layers=[0], feature="gap", cache_dir=cache)[1] == "miss"
+    assert cached_features(vit, dataset, layers=[0], feature="mean-patch", cache_dir=cache)[1] == "hit"
+    key = feature_cache_key(vit, dataset, layers=[0], feature="gap")
+    assert key["feature"] == "mean-patch"
+    assert key == feature_cache_key(vit, dataset, layers=[0], feature="mean-patch")
 
 
 def test_hooks_are_removed_when_the_forward_raises(loaded):
@@ -357,7 +394,7 @@ def test_hooks_are_removed_when_the_forward_raises(loaded):
             raise RuntimeError("stop")
 
     with pytest.raises(RuntimeError, match="stop"):
-        extract_features(vit, dataset, layers=[0, 1], feature="gap", batch_size=8, progress=boom)
+        extract_features(vit, dataset, layers=[0, 1], feature="mean-patch", batch_size=8, progress=boom)
     assert all(not block._forward_hooks for block in vit.blocks())
 
 
@@ -368,7 +405,7 @@ def test_hooks_are_removed_when_the_forward_raises(loaded):
 def test_cache_hit_does_no_forward_pass(tmp_path, loaded):
     vit, dataset = loaded
     calls = _count_forward(vit)
-    opts = {"layers": [0, 1], "feature": "gap", "cache_dir": tmp_path / "cache", "batch_size": 8}
+    opts = {"layers": [0, 1], "feature": "mean-patch", "cache_dir": tmp_path / "cache", "batch_size": 8}
     first, status = cached_features(vit, dataset, **opts)
     assert status == "miss" and calls[0] == 3
     second, status = cached_features(vit, dataset, **opts)
@@ -391,7 +428,7 @@ def test_cache_misses_when_the_model_data_or_layers_change(tmp_path, loaded):
     assert cached_features(vit, other_data, layers=[1], feature="cls", cache_dir=cache)[1] == "miss"
     assert cached_features(vit, test_split, layers=[1], feature="cls", cache_dir=cache)[1] == "miss"
     assert cached_features(vit, dataset, layers=[0, 1], feature="cls", cache_dir=cache)[1] == "miss"
-    assert cached_features(vit, dataset, layers=[1], feature="gap", cache_dir=cache)[1] == "miss"
+    assert cached_features(vit, dataset, layers=[1], feature="mean-patch", cache_dir=cache)[1] == "miss"
     assert cached_features(vit, dataset, layers=[1], feature="cls", cache_dir=cache)[1] == "hit"
     key = feature_cache_key(vit, dataset, layers=[1], feature="cls")
     assert key["model"].startswith("sha256:") and key["data"] == "digits:train#n=24,seed=0"

@@ -7,6 +7,7 @@ import os
 import signal
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -119,6 +120,35 @@ def test_finetune_replaces_head_and_resamples_pos_embed(tmp_path):
     result = train(replace(ft, epochs=1), tmp_path / "ft")
     vit = load_vit(result.checkpoint, device="cpu")
     assert vit.layout.grid_size == (6, 6) and vit.num_classes == 10 and vit.in_chans == 3
+
+
+@pytest.mark.parametrize(
+    ("total_steps", "warmup_steps", "lr", "min_lr"),
+    [(132, 22, 3e-3, 1e-5), (300, 45, 1e-3, 1e-5), (40, 0, 5e-4, 0.0), (20, 15, 1e-2, 1e-4)],
+)
+def test_lr_at_is_timms_cosine_schedule_with_warmup(total_steps, warmup_steps, lr, min_lr):
+    # timm's CosineLRScheduler updated per optimiser step: linear warmup from lr/100 as a prefix, then one cosine
+    # cycle of the remaining steps down to min_lr, where it stays. TINY's schedule is the first case (3 x 44 steps).
+    from timm.scheduler import CosineLRScheduler
+
+    from vitlens.train import lr_at
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = CosineLRScheduler(
+        optimizer,
+        t_initial=total_steps - warmup_steps,
+        lr_min=min_lr,
+        warmup_t=warmup_steps,
+        warmup_lr_init=lr / 100,
+        warmup_prefix=True,
+        t_in_epochs=False,
+    )
+    ours, timms = [], []
+    for step in range(total_steps + 3):  # a few steps past the end: min_lr, not a second cycle
+        scheduler.step_update(num_updates=step)
+        timms.append(optimizer.param_groups[0]["lr"])
+        ours.append(lr_at(step, total_steps=total_steps, warmup_steps=warmup_steps, lr=lr, min_lr=min_lr))
+    np.testing.assert_allclose(ours, timms, rtol=1e-12, atol=0)
 
 
 def test_presets_are_complete():

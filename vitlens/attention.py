@@ -41,10 +41,8 @@ Progress = Callable[[int, int], None]  # progress(done_images, total_images), ca
 # 43 MiB per image and layer, so batch 64 would hold 2.8 GiB twice. Batches are cut so that one map stays under a
 # budget; results do not depend on the batch size.
 CPU_ATTENTION_BUDGET_BYTES = 64 * 2**20
-"""On the CPU a smaller batch is not slower once one map is past the cache: ViT-S/14 at 518 px, one thread, ran
-0.30 images/s with a 632 MiB peak at 256 MiB (batch 5) and 0.44 images/s with 225 MiB at 64 MiB (batch 1), against
-0.51 images/s and 401 MiB for the plain forward at batch 8 (docs/benchmarks.md). At 224 px no ViT up to ViT-L/16
-is cut below the CPU's default batch of 8."""
+"""On the CPU a smaller batch is not slower once one map is past the cache (measured: see "Numbers quoted in the
+code" in docs/benchmarks.md). At 224 px no ViT up to ViT-L/16 is cut below the CPU's default batch of 8."""
 ACCELERATOR_ATTENTION_BUDGET_BYTES = 256 * 2**20
 """On CUDA and MPS larger batches keep the device busy; 256 MiB leaves ViT-L/16 at 224 px its batch of 64 and cuts
 ViT-S/14 at 518 px to 5 (not yet measured on a GPU)."""

@@ -1,4 +1,7 @@
-"""Attention capture: post-softmax attention weights of chosen layers, handed to a callback layer by layer.
+"""The hook manager: attention weights and block outputs of chosen layers handed to callbacks, and timm's
+fused-attention switch, each scoped to a ``with`` block.
+
+Attention capture hands the post-softmax attention weights of chosen layers to a callback layer by layer.
 
 timm's attention runs ``F.scaled_dot_product_attention`` when ``fused_attn`` is set, and then the weights never
 exist as a tensor: hooks that expect them capture nothing. :func:`attention_capture` switches each chosen layer to
@@ -11,7 +14,7 @@ restored in ``finally``, also when the forward raises.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING
 
 from vitlens.errors import UsageError, VitlensError
@@ -59,21 +62,84 @@ def attention_capture(vit: ViT, on_layer: OnLayer, *, layers: Sequence[int] | No
     if missing:
         raise VitlensError(f"layers {missing} have no capturable attention module")
 
-    saved_flags = []
+    handles = []
+    with fused_attention(vit, False, layers=chosen):
+        try:
+            for idx in chosen:
+
+                def hook(_module, _inputs, output, _idx=idx):
+                    on_layer(_idx, output)
+
+                handles.append(sites[idx].softmax_output.register_forward_hook(hook))
+            yield chosen
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+@contextmanager
+def fused_attention(vit: ViT, enabled: bool, *, layers: Sequence[int] | None = None) -> Iterator[None]:
+    """timm's ``fused_attn`` flag of ``layers`` (all when None) set to ``enabled`` inside the block, restored after.
+
+    With the flag off, timm computes attention explicitly (softmax weights exist as a tensor); with it on, through
+    ``F.scaled_dot_product_attention``.
+    """
+    chosen = set(resolve_layers(layers, vit.depth))
+    owners = [site.flag_owner for site in vit.attention_sites() if site.layer in chosen]
+    saved = [owner.fused_attn for owner in owners]
+    try:
+        for owner in owners:
+            owner.fused_attn = enabled
+        yield
+    finally:
+        for owner, flag in zip(owners, saved, strict=True):
+            owner.fused_attn = flag
+
+
+@contextmanager
+def block_outputs(vit: ViT, layers: Sequence[int], on_block: OnLayer) -> Iterator[None]:
+    """Call ``on_block(layer, tokens [B, N, D])`` as each chosen block of ``vit`` finishes, inside the block only.
+
+    The hooks are removed in ``finally``, also when the forward raises.
+    """
+    blocks = vit.blocks()
     handles = []
     try:
-        for idx in chosen:
-            site = sites[idx]
-            saved_flags.append((site.flag_owner, site.flag_owner.fused_attn))
-            site.flag_owner.fused_attn = False
+        for layer in layers:
 
-            def hook(_module, _inputs, output, _idx=idx):
-                on_layer(_idx, output)
+            def hook(_module, _inputs, output, _layer=layer):
+                on_block(_layer, output)
 
-            handles.append(site.softmax_output.register_forward_hook(hook))
-        yield chosen
+            handles.append(blocks[layer].register_forward_hook(hook))
+        yield
     finally:
         for handle in handles:
             handle.remove()
-        for owner, flag in reversed(saved_flags):
-            owner.fused_attn = flag
+
+
+@contextmanager
+def hooks(
+    vit: ViT,
+    *,
+    attention: OnLayer | None = None,
+    blocks: OnLayer | None = None,
+    layers: Sequence[int] | None = None,
+) -> Iterator[list[int]]:
+    """Every capture at once: attention weights and / or block outputs of ``layers``, one forward pass.
+
+    Args:
+        vit: the loaded model.
+        attention: ``attention(layer, attn [B, heads, N, N])`` after each chosen layer's softmax, or None.
+        blocks: ``blocks(layer, tokens [B, N, D])`` after each chosen block, or None.
+        layers: 0-based layer indices (negative from the end); all layers when None.
+
+    Yields:
+        The resolved layer indices.
+    """
+    chosen = resolve_layers(layers, vit.depth)
+    with ExitStack() as stack:
+        if attention is not None:
+            stack.enter_context(attention_capture(vit, attention, layers=chosen))
+        if blocks is not None:
+            stack.enter_context(block_outputs(vit, chosen, blocks))
+        yield chosen

@@ -48,9 +48,8 @@ def resolve_device(spec: str = "auto") -> torch.device:
 
 CPU_BATCH_SIZE = 8
 """Default images per forward pass on the CPU. On the CPU the per-layer working set (activations, and for the
-attention analyses the ``[B, heads, N, N]`` map) must stay near the cache to be fast: at 224 px, one thread,
-ViT-S/16's plain forward ran 15 % faster at batch 8 than at 32 and attention distance 4 % faster, with 38 % of the
-memory (docs/benchmarks.md)."""
+attention analyses the ``[B, heads, N, N]`` map) must stay near the cache to be fast (measured: see "Numbers
+quoted in the code" in docs/benchmarks.md)."""
 
 ACCELERATOR_BATCH_SIZE = 64
 """Default images per forward pass on CUDA and MPS, where larger batches keep the device busy; the attention

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from vitlens.errors import VitlensError
-from vitlens.features import FeatureKind, Progress, extract_features, resolve_feature_layers
+from vitlens.features import FeatureKind, Progress, canonical_feature, extract_features, resolve_feature_layers
 from vitlens.log import logger
 
 if TYPE_CHECKING:
@@ -38,6 +38,7 @@ def feature_cache_key(vit: ViT, dataset: ImageDataset, *, layers: Sequence[int],
 
     ``dataset.spec`` carries the split and the ``num_images`` subset; the names and labels catch files added to,
     removed from or renamed in a folder, and each file's size and modification time an image edited in place.
+    ``feature`` is keyed under its current name, so a deprecated one (``gap``) shares its features' entry.
     """
     from vitlens import __version__
 
@@ -60,7 +61,7 @@ def feature_cache_key(vit: ViT, dataset: ImageDataset, *, layers: Sequence[int],
         "listing": listing.hexdigest(),
         "preprocess": vit.preprocess.as_dict(),
         "layers": [int(la) for la in layers],
-        "feature": feature,
+        "feature": canonical_feature(feature),
     }
 
 
@@ -134,6 +135,7 @@ def cached_features(
         The features and whether they came from the cache (``hit``), were computed and stored (``miss``), or the
         cache was not used (``off``).
     """
+    feature = canonical_feature(feature)  # once, so that a deprecated name warns once
     chosen = resolve_feature_layers(vit, layers, feature)
     key = feature_cache_key(vit, dataset, layers=chosen, feature=feature) if use_cache and vit.identity else None
     path = cache_path(default_cache_dir() if cache_dir is None else cache_dir, key) if key is not None else None

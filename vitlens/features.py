@@ -1,14 +1,13 @@
 """Features of a frozen ViT for probes: any set of layers' token representations from one forward pass.
 
 Block outputs are read by scoped hooks (removed even when the forward raises); ``pre-logits`` is what the classifier
-head sees (the final norm, then the class token or the mean of patch tokens), ``cls`` and ``gap`` a block output's
-class token and mean patch token.
+head sees (the final norm, then the class token or the mean of patch tokens), ``cls`` and ``mean-patch`` a block
+output's class token and mean of its patch tokens.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -17,13 +16,16 @@ from vitlens.capture import resolve_layers
 from vitlens.data import iterate_batches
 from vitlens.device import resolve_batch_size
 from vitlens.errors import UsageError, VitlensError
+from vitlens.log import logger
 
 if TYPE_CHECKING:
     from vitlens.data import ImageDataset
     from vitlens.models.vit import ViT
 
-FeatureKind = Literal["pre-logits", "cls", "gap"]
-FEATURE_KINDS: tuple[str, ...] = ("pre-logits", "cls", "gap")
+FeatureKind = Literal["pre-logits", "cls", "mean-patch"]
+FEATURE_KINDS: tuple[str, ...] = ("pre-logits", "cls", "mean-patch")
+# Old names still accepted, with a warning: `mean-patch` is what rollout's --target calls the same pooling.
+DEPRECATED_FEATURES: dict[str, str] = {"gap": "mean-patch"}
 Progress = Callable[[int, int], None]  # progress(done_images, total_images)
 
 
@@ -31,46 +33,38 @@ Progress = Callable[[int, int], None]  # progress(done_images, total_images)
 # Feature extraction
 
 
+def canonical_feature(feature: str) -> str:
+    """``feature`` under its current name: a deprecated one (``gap``) mapped, with a warning; others as given."""
+    if isinstance(feature, str) and feature in DEPRECATED_FEATURES:
+        current = DEPRECATED_FEATURES[feature]
+        logger.warning(f"feature {feature!r} is deprecated; use {current!r} (the same features)")
+        return current
+    return feature
+
+
 def resolve_feature_layers(vit: ViT, layers: Sequence[int] | None, feature: FeatureKind) -> list[int]:
     """Check ``feature`` against the model and turn ``layers`` into sorted 0-based block indices.
 
     Pre-logits (final norm and pooling, what the classifier head sees) exist after the last block only; they are
-    keyed by that block's index. ``None`` means the last block.
+    keyed by that block's index. ``None`` means the last block. A deprecated ``feature`` name is accepted (see
+    :func:`canonical_feature`).
 
     Raises:
         UsageError: unknown ``feature``, a layer out of range, or pre-logits asked for at an inner layer.
         VitlensError: ``cls`` on a model without a class token.
     """
+    feature = canonical_feature(feature)
     if feature not in FEATURE_KINDS:
         raise UsageError(f"--feature must be one of {', '.join(FEATURE_KINDS)}, not {feature!r}")
     depth = vit.depth
     chosen = resolve_layers([-1] if layers is None else list(layers), depth)
     if feature == "pre-logits" and chosen != [depth - 1]:
-        raise UsageError("pre-logits exist after the last block only; use --feature cls or --feature gap with --layer")
+        raise UsageError(
+            "pre-logits exist after the last block only; use --feature cls or --feature mean-patch with --layer"
+        )
     if feature == "cls" and not vit.layout.has_class_token:
-        raise VitlensError("this model has no class token (it pools the patch tokens); use --feature gap")
+        raise VitlensError("this model has no class token (it pools the patch tokens); use --feature mean-patch")
     return chosen
-
-
-@contextmanager
-def block_outputs(vit: ViT, layers: Sequence[int], on_block: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
-    """Call ``on_block(layer, tokens [B, N, D])`` as each chosen block of ``vit`` finishes, inside the block only.
-
-    The hooks are removed in ``finally``, also when the forward raises.
-    """
-    blocks = vit.blocks()
-    handles = []
-    try:
-        for layer in layers:
-
-            def hook(_module, _inputs, output, _layer=layer):
-                on_block(_layer, output)
-
-            handles.append(blocks[layer].register_forward_hook(hook))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def extract_features(
@@ -89,9 +83,10 @@ def extract_features(
         vit: the loaded model; batches go to ``vit.device``.
         dataset: images preprocessed for ``vit``.
         layers: 0-based block indices (negative from the end); None for the last block.
-        feature: ``pre-logits`` (what the head sees), ``cls`` (the class token after the block) or ``gap`` (the mean
-            of the patch tokens after the block). ``cls`` and ``gap`` read the block's raw output (the residual
-            stream, before the final norm): the probe standardises every feature anyway.
+        feature: ``pre-logits`` (what the head sees), ``cls`` (the class token after the block) or ``mean-patch``
+            (the mean of the patch tokens after the block; ``gap`` is a deprecated name for it). ``cls`` and
+            ``mean-patch`` read the block's raw output (the residual stream, before the final norm): the probe
+            standardises every feature anyway.
         batch_size: images per forward pass; None for the device's default (:func:`vitlens.device.default_batch_size`).
         progress: called as ``progress(done, total)`` before the first batch and after every batch.
         num_workers: DataLoader worker processes.
@@ -103,6 +98,7 @@ def extract_features(
         UsageError / VitlensError: as :func:`resolve_feature_layers`; an image could not be read (rows must line up
             with ``dataset.labels``).
     """
+    feature = canonical_feature(feature)
     chosen = resolve_feature_layers(vit, layers, feature)
     layout = vit.layout
     n = len(dataset)
@@ -121,7 +117,7 @@ def extract_features(
         progress(0, n)
     dtype = next(vit.model.parameters()).dtype
     batch_size = resolve_batch_size(batch_size, vit.device)
-    with torch.inference_mode(), block_outputs(vit, [] if feature == "pre-logits" else chosen, keep):
+    with torch.inference_mode(), vit.hooks(blocks=keep, layers=[] if feature == "pre-logits" else chosen):
         for batch in iterate_batches(dataset, batch_size=batch_size, num_workers=num_workers, device=vit.device):
             tokens = vit.features(batch.images.to(dtype))  # [B, N, D]
             if feature == "pre-logits":

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from vitlens import __version__
 from vitlens.errors import Interrupted, UsageError, VitlensError
+from vitlens.history import EpochStats
 from vitlens.io import atomic_path, ensure_out_dir, write_text
 from vitlens.layout import Preprocess
 from vitlens.log import logger
@@ -120,17 +121,6 @@ def preset_config(name: str, **overrides: Any) -> TrainConfig:
 
 
 @dataclass(frozen=True)
-class EpochStats:
-    epoch: int  # 1-based count of finished epochs
-    train_loss: float
-    train_acc: float
-    test_acc: float
-    lr: float
-    seconds: float
-    images_per_s: float
-
-
-@dataclass(frozen=True)
 class TrainResult:
     checkpoint: Path
     history: list[EpochStats]
@@ -224,7 +214,7 @@ class _Model:
 
 def _scratch_model(config: TrainConfig, num_classes: int) -> _Model:
     from vitlens.models.load import build_model
-    from vitlens.models.vit import is_timm_vit
+    from vitlens.models.vit import is_timm_vit, token_layout
 
     kwargs = dict(config.model_kwargs)
     base = config.data.split(":")[0].lower()
@@ -237,7 +227,7 @@ def _scratch_model(config: TrainConfig, num_classes: int) -> _Model:
         raise VitlensError(f"--arch {config.arch} is not a Vision Transformer; vitlens trains timm ViTs only")
     in_chans = int(kwargs["in_chans"])
     preprocess = Preprocess(
-        img_size=tuple(int(s) for s in model.patch_embed.img_size),
+        img_size=token_layout(model).img_size,
         in_chans=in_chans,
         mean=(0.5,) * in_chans,  # timm's ViT default: inputs in [-1, 1]
         std=(0.5,) * in_chans,
@@ -255,21 +245,14 @@ def _finetune_model(config: TrainConfig, num_classes: int) -> _Model:
     The ViT paper fine-tunes with a zero-initialised D x K head (§3.2); its position embeddings are resampled
     (timm's interpolation) when the input size changes.
     """
-    import torch
 
     from vitlens.models.load import load_vit
 
     load_kwargs = dict(config.model_kwargs)  # when fine-tuning: options for loading the source model
     heads = load_kwargs.pop("num_heads", None)
     vit = load_vit(config.init_from, num_heads=heads, model_kwargs=load_kwargs, img_size=config.img_size, device="cpu")
+    vit.reset_head(num_classes)  # zero-initialised, as the ViT paper fine-tunes (§3.2)
     model = vit.model
-    model.reset_classifier(num_classes)
-    with torch.no_grad():
-        for name in ("head", "head_dist"):
-            head = getattr(model, name, None)
-            if isinstance(head, torch.nn.Linear):
-                head.weight.zero_()
-                head.bias.zero_()
     arch = vit.arch.split(".")[0] if vit.arch and not vit.arch.startswith("hf-hub:") else vit.arch
     kwargs = dict(vit.arch_kwargs)
     kwargs["img_size"] = list(vit.layout.img_size)
@@ -284,7 +267,12 @@ def _finetune_model(config: TrainConfig, num_classes: int) -> _Model:
 
 # ------------------------------------------------------------------------------------------- schedule
 def lr_at(step: int, *, total_steps: int, warmup_steps: int, lr: float, min_lr: float) -> float:
-    """Linear warmup from lr/100 to lr, then cosine decay to min_lr (per optimiser step)."""
+    """Linear warmup from lr/100 to lr, then cosine decay to min_lr (per optimiser step).
+
+    The same schedule as timm's ``CosineLRScheduler(t_initial=total_steps - warmup_steps, lr_min=min_lr,
+    warmup_t=warmup_steps, warmup_lr_init=lr / 100, warmup_prefix=True, t_in_epochs=False)`` stepped with
+    ``step_update(step)``; ``step`` counts the optimiser steps already taken.
+    """
     if warmup_steps > 0 and step < warmup_steps:
         return lr * (0.01 + 0.99 * step / warmup_steps)
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)

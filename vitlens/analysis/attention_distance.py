@@ -84,10 +84,9 @@ def key_distances_px(
 
 CPU_CHUNK_BYTES = 4 * 2**20
 """On the CPU the per-image reduction walks the ``[B * heads]`` query blocks in chunks of about this many bytes,
-through one reused buffer: the whole-batch product would be a fresh tensor as large as the map (45 MiB per image
-at 518 px), whose page faults and cache misses cost more than the arithmetic. Measured on one CPU thread, per
-layer: one image of ViT-S/14 at 518 px 41 -> 9.5 ms; ViT-S/16 at 224 px, batch 8 1.9 -> 1.2 ms, batch 32
-9.6 -> 5.3 ms. Other devices take the batch whole."""
+through one reused buffer: the whole-batch product would be a fresh tensor as large as the map (43 MiB per image
+of ViT-S/14 at 518 px), whose page faults and cache misses cost more than the arithmetic (measured: see "Numbers
+quoted in the code" in docs/benchmarks.md). Other devices take the batch whole."""
 
 
 def attention_distance_per_image(

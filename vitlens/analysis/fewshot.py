@@ -211,7 +211,7 @@ class FewShotResult:
     num_train: int  # size of the pool the shots were drawn from
     num_test: int  # test images scored
     short_classes: dict[str, int] = field(default_factory=dict)  # classes with fewer than max(shots) examples
-    feature: str = ""  # what the features are (pre-logits, cls, gap), for titles and JSON
+    feature: str = ""  # what the features are (pre-logits, cls, mean-patch), for titles and JSON
 
     @property
     def mean(self) -> np.ndarray:
@@ -312,7 +312,8 @@ def fewshot_lsr(
         num_classes: K (default: the largest label + 1).
         class_names: for error messages and ``short_classes``.
         allow_fewer: use all examples of classes with fewer than ``max(shots)`` instead of failing.
-        feature: what the features are (``pre-logits``, ``cls``, ``gap``), kept in the result for titles and JSON.
+        feature: what the features are (``pre-logits``, ``cls``, ``mean-patch``), kept in the result for titles and
+            JSON.
 
     Raises:
         UsageError: non-positive ``shots``, ``seeds`` or ``l2``; mismatched layers or shapes.

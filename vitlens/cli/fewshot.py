@@ -38,6 +38,7 @@ from vitlens.cli.options import (
     check_num_images,
 )
 from vitlens.device import resolve_batch_size
+from vitlens.errors import UsageError
 
 if TYPE_CHECKING:
     from vitlens.definitions.fewshot import FewShotProbeResult
@@ -78,7 +79,8 @@ FeatureOpt = Annotated[
     typer.Option(
         "--feature",
         help="pre-logits (what the head sees; default without --layer) | cls (class token after the block) | "
-        "gap (mean of patch tokens after the block). With --layer the default is cls, or gap without a class token.",
+        "mean-patch (mean of patch tokens after the block). With --layer the default is cls, or mean-patch without "
+        "a class token.",
         rich_help_panel=FEWSHOT_PANEL,
     ),
 ]
@@ -94,9 +96,19 @@ TestDataOpt = Annotated[
     str | None,
     typer.Option(
         "--test-data",
-        help="Score on this data spec, used whole (all its splits), instead of the test split of --data. "
-        "Its classes must be those of --data.",
+        help="Score on this data spec, used whole (all its splits), instead of the test split of --data; then all "
+        "of --data is the shot pool (see --split). Its classes must be those of --data.",
         rich_help_panel=DATA_PANEL,
+    ),
+]
+PoolSplitOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--split",
+        help="The part of --data that is the shot pool: train | all. Default: train without --test-data (its test "
+        "split is scored), all with --test-data (nothing of --data is scored, so nothing is held out).",
+        rich_help_panel=DATA_PANEL,
+        show_default=False,
     ),
 ]
 CacheDirOpt = Annotated[
@@ -129,6 +141,7 @@ def fewshot(
     interpolation: InterpolationOpt = None,
     data: DataOpt = "digits",
     test_data: TestDataOpt = None,
+    split: PoolSplitOpt = None,
     num_images: NumImagesOpt = None,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
@@ -148,26 +161,33 @@ def fewshot(
 ) -> None:
     """Few-shot accuracy of linear probes on frozen features: ridge regression to ±1 targets (ViT paper §4.1).
 
-    Shots come from the train split of --data (--seeds draws); accuracy is on its test split, or on --test-data.
+    Shots come from the train split of --data (--seeds draws) and accuracy is on its test split. With --test-data,
+    all of --data is the shot pool and accuracy is on all of --test-data (--split train keeps the train split only).
 
     Writes fewshot.{png,csv,json} to --out. Features are cached: a second run does no forward pass.
     """
     from vitlens.data import open_dataset
-    from vitlens.definitions.fewshot import check_feature, check_seeds
+    from vitlens.definitions.fewshot import check_feature, check_seeds, check_split, pool_split
     from vitlens.definitions.fewshot import fewshot as compute
 
     started = time.perf_counter()
     # Validate the command line before loading anything (the library checks again, for its own callers).
     shot_counts, l2_value = parse_shots(shots), parse_l2(l2)
     check_seeds(seeds)
-    check_feature(feature)
+    feature = check_feature(feature)  # the current name, so that a deprecated one warns once
+    if check_split(split) == "all" and test_data is None:
+        raise UsageError(
+            "--split all leaves nothing to score (all of --data is the shot pool): give --test-data, or use "
+            "--split train, whose test split is scored"
+        )
+    part = pool_split(split, has_test_data=test_data is not None)
     check_num_images(num_images)
     fmt = check_format(fmt)
 
     vit = ModelOptions.of(locals()).load()
     batch_size = resolve_batch_size(batch_size, vit.device)
     common = {"num_images": num_images, "data_root": data_root, "download": download, "require_labels": True}
-    pool = open_dataset(data, vit.preprocess, split="train", **common)
+    pool = open_dataset(data, vit.preprocess, split=part, **common)
     if test_data is None:
         test = open_dataset(data, vit.preprocess, split="test", **common)
     else:

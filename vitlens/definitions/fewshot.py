@@ -138,6 +138,7 @@ class FewShotProbeResult(Result):
         import numpy as np
 
         from vitlens.analysis.fewshot import FewShotResult
+        from vitlens.features import DEPRECATED_FEATURES
 
         # fewshot.json holds every number exactly (JSON floats round-trip); the CSV rounds to 6 digits.
         shots, layers = tuple(payload["shots"]), tuple(payload["layers"])
@@ -162,7 +163,7 @@ class FewShotProbeResult(Result):
             num_train=int(payload["num_train"]),
             num_test=int(payload["num_test"]),
             short_classes=dict(payload["short_classes"]),
-            feature=payload["feature"],
+            feature=DEPRECATED_FEATURES.get(payload["feature"], payload["feature"]),  # files written before a rename
         )
         facts = (bool(payload["allow_fewer"]), payload["source"], payload["data"], payload["test_data"])
         return cls(probe, *facts, tuple(payload["classes"]), int(payload["depth"]), dict(payload["cache"]))
@@ -210,14 +211,48 @@ def check_l2(l2: Any) -> float | Literal["auto"]:
 
 
 def check_feature(feature: Any) -> str | None:
-    """``feature``, lower-cased: ``pre-logits``, ``cls`` or ``gap``; None when not given."""
-    from vitlens.features import FEATURE_KINDS
+    """``feature``, lower-cased: ``pre-logits``, ``cls`` or ``mean-patch``; None when not given.
+
+    The deprecated ``gap`` is taken as ``mean-patch``, with a warning.
+    """
+    from vitlens.features import FEATURE_KINDS, canonical_feature
 
     if feature is None:
         return None
-    value = feature.strip().lower() if isinstance(feature, str) else feature
+    value = canonical_feature(feature.strip().lower()) if isinstance(feature, str) else feature
     if value not in FEATURE_KINDS:
         raise ParameterError("feature", f"feature must be one of {', '.join(FEATURE_KINDS)}, not {feature!r}")
+    return value
+
+
+POOL_SPLITS: tuple[str, ...] = ("train", "all")
+
+
+def check_split(split: Any) -> Literal["train", "all"] | None:
+    """``split``, lower-cased: the part of ``data`` that is the shot pool, ``train`` or ``all``; None when not given.
+
+    There is no ``test``: the test split is what a ``train`` pool is scored on.
+    """
+    value = split.strip().lower() if isinstance(split, str) else split
+    if value is not None and value not in POOL_SPLITS:
+        raise ParameterError("split", f"split must be {' or '.join(POOL_SPLITS)}, not {split!r}")
+    return value
+
+
+def pool_split(split: Any, *, has_test_data: bool) -> Literal["train", "all"]:
+    """The part of ``data`` the shots are drawn from: ``split``, else ``all`` with test data and ``train`` without.
+
+    Without test data the test split of ``data`` is scored, so its pool can only be the train split.
+    """
+    value = check_split(split)
+    if value is None:
+        return "all" if has_test_data else "train"
+    if value == "all" and not has_test_data:
+        raise ParameterError(
+            "split",
+            "split 'all' leaves nothing to score (all of data is the shot pool): give test_data, or use split "
+            "'train', whose test split is scored",
+        )
     return value
 
 
@@ -272,7 +307,9 @@ def _labelled(dataset: ImageDataset) -> ImageDataset:
     return dataset
 
 
-def _pool_and_test(vit: ViT, data: Any, test_data: Any, num_images: int | None) -> tuple[ImageDataset, ImageDataset]:
+def _pool_and_test(
+    vit: ViT, data: Any, test_data: Any, split: Any, num_images: int | None
+) -> tuple[ImageDataset, ImageDataset]:
     """The pool the shots are drawn from and the images scored, opened from specs where given as such."""
     from vitlens.data import ImageDataset, open_dataset
 
@@ -283,6 +320,9 @@ def _pool_and_test(vit: ViT, data: Any, test_data: Any, num_images: int | None) 
         raise ParameterError(
             "num_images", "num_images applies to a data spec; a dataset is used whole (open it with num_images=)"
         )
+    part = pool_split(split, has_test_data=test_data is not None)
+    if isinstance(data, ImageDataset) and split is not None and part != "all":
+        raise ParameterError("split", "split applies to a data spec; a dataset is the shot pool whole")
     if isinstance(data, ImageDataset):
         if test_data is None:
             raise ParameterError(
@@ -292,7 +332,7 @@ def _pool_and_test(vit: ViT, data: Any, test_data: Any, num_images: int | None) 
             )
         pool = _labelled(data)
     else:
-        pool = open_split(data, "train")
+        pool = open_split(data, part)
     if test_data is None:
         test = open_split(data, "test")
     else:
@@ -310,11 +350,12 @@ def fewshot(
     data: ImageDataset | str | os.PathLike,
     *,
     test_data: ImageDataset | str | os.PathLike | None = None,
+    split: Literal["train", "all"] | None = None,
     shots: Sequence[int] | str = defaults.FEWSHOT_SHOTS,
     seeds: int = defaults.FEWSHOT_SEEDS,
     l2: float | Literal["auto"] = defaults.FEWSHOT_L2,
     layers: Sequence[int] | int | str | None = None,
-    feature: Literal["pre-logits", "cls", "gap"] | None = None,
+    feature: Literal["pre-logits", "cls", "mean-patch"] | None = None,
     num_images: int | None = None,
     allow_fewer: bool = False,
     batch_size: int | None = None,
@@ -333,10 +374,13 @@ def fewshot(
     Args:
         vit: the model (:func:`vitlens.load`).
         data: a data spec (``digits``, ``cifar10``, a folder), whose train split is the pool of shots and test split
-            the images scored; or a labelled :class:`~vitlens.data.ImageDataset`, the pool (then ``test_data`` is
-            needed).
+            the images scored (with ``test_data``: all of it is the pool, see ``split``); or a labelled
+            :class:`~vitlens.data.ImageDataset`, the pool, used whole (then ``test_data`` is needed).
         test_data: the images to score instead of the test split of ``data``: a spec (used whole, all splits) or a
             dataset; its classes must be those of ``data``, in the same order.
+        split: the part of a ``data`` spec that is the pool of shots: ``train`` or ``all``. None: ``train`` without
+            ``test_data`` (its test split is scored), ``all`` with it (nothing of ``data`` is scored, so none of it is
+            held out; a plain folder or digits would otherwise lose its 20% test split).
         shots: training examples per class, e.g. ``(1, 5, 10, 25)`` (big_vision's) or ``"1,5,10"``.
         seeds: random shot draws per shots count (seeds ``0 .. seeds-1``).
         l2: the ridge penalty λ (big_vision's 2¹⁰), or ``"auto"``: chosen per shots count and layer by leave-one-out
@@ -344,8 +388,9 @@ def fewshot(
         layers: blocks to probe, 0-based (negative from the end): an index, several, or ``"all"``; None for the
             pre-logits after the last block. Probing every layer draws a layer-by-shots heat map.
         feature: ``pre-logits`` (what the head sees; the default without ``layers``), ``cls`` (the class token after
-            the block) or ``gap`` (the mean of the patch tokens after the block); with ``layers`` the default is
-            ``cls``, or ``gap`` for models without a class token.
+            the block) or ``mean-patch`` (the mean of the patch tokens after the block; ``gap``, its old name, still
+            works with a warning); with ``layers`` the default is ``cls``, or ``mean-patch`` for models without a
+            class token.
         num_images: a stratified subset of this many images of each split opened from a spec; None for all.
         allow_fewer: use all examples of classes with fewer than ``max(shots)`` instead of failing.
         batch_size: images per forward pass; None for the device's default.
@@ -358,7 +403,8 @@ def fewshot(
 
     Raises:
         ParameterError: a bad option, a layer outside the model, pre-logits asked for at an inner layer, a dataset
-            as ``data`` without ``test_data``, or ``num_images`` with no spec to open.
+            as ``data`` without ``test_data``, ``split="all"`` without ``test_data`` (nothing left to score),
+            ``split="train"`` of a dataset, or ``num_images`` with no spec to open.
         VitlensError: unlabelled data, test classes unlike the pool's, a class short of shots (unless
             ``allow_fewer``), ``cls`` on a model without a class token, or an image that cannot be read.
     """
@@ -371,18 +417,19 @@ def fewshot(
 
     shot_counts, seeds, l2 = check_shots(shots), check_seeds(seeds), check_l2(l2)
     kind = check_feature(feature)
+    check_split(split)
     _check_count("num_images", num_images, "be a positive number")
     _check_count("batch_size", batch_size, "be at least 1")
     chosen = check_layers(layers, vit.depth)
-    kind = kind or ("pre-logits" if chosen is None else "cls" if vit.layout.has_class_token else "gap")
+    kind = kind or ("pre-logits" if chosen is None else "cls" if vit.layout.has_class_token else "mean-patch")
     if kind == "pre-logits" and chosen not in (None, [vit.depth - 1]):
         raise ParameterError(
             "layers",
-            f"layers {chosen} need feature cls or gap: pre-logits exist after the last block only",
+            f"layers {chosen} need feature cls or mean-patch: pre-logits exist after the last block only",
         )
     chosen = resolve_feature_layers(vit, chosen, kind)  # a VitlensError for cls on a model without a class token
 
-    pool, test = _pool_and_test(vit, data, test_data, num_images)
+    pool, test = _pool_and_test(vit, data, test_data, split, num_images)
     classes = list(pool.classes or [])
     # Fails here, before any forward pass, on a single class or a class short of examples.
     short = check_shot_pool(

@@ -9,6 +9,8 @@ non-square grids are handled once.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -214,6 +216,44 @@ class ViT:
                 "attention capture is not supported for this architecture"
             )
         return sites
+
+    # ------------------------------------------------------------------------------------ hooks
+    def hooks(
+        self,
+        *,
+        attention: Callable[[int, torch.Tensor], None] | None = None,
+        blocks: Callable[[int, torch.Tensor], None] | None = None,
+        layers: Sequence[int] | None = None,
+    ) -> AbstractContextManager[list[int]]:
+        """Scoped capture of attention weights ``[B, heads, N, N]`` and / or block outputs ``[B, N, D]`` of
+        ``layers`` (all when None), handed to the callbacks as each layer runs (:func:`vitlens.capture.hooks`).
+
+        Use as ``with vit.hooks(attention=on_attn, layers=[-1]): vit.model(x)``; hooks are removed and flags
+        restored on exit, also when the forward raises.
+        """
+        from vitlens.capture import hooks
+
+        return hooks(self, attention=attention, blocks=blocks, layers=layers)
+
+    def fused_attention(self, enabled: bool) -> AbstractContextManager[None]:
+        """timm's fused-attention (SDPA) switch of every layer set to ``enabled`` inside a ``with`` block."""
+        from vitlens.capture import fused_attention
+
+        return fused_attention(self, enabled)
+
+    def reset_head(self, num_classes: int, *, zero: bool = True) -> None:
+        """A new classifier of ``num_classes`` outputs (timm's ``reset_classifier``), zero-initialised by default as
+        in the ViT paper's fine-tuning (§3.2); a distillation head too, where the model has one."""
+        import torch
+
+        self.model.reset_classifier(num_classes)
+        if zero:
+            with torch.no_grad():
+                for name in ("head", "head_dist"):
+                    head = getattr(self.model, name, None)
+                    if isinstance(head, torch.nn.Linear):
+                        head.weight.zero_()
+                        head.bias.zero_()
 
     # ------------------------------------------------------------------------------------ forward
     def features(self, images: torch.Tensor) -> torch.Tensor:

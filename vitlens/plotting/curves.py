@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 from vitlens.plotting.style import new_figure, vitlens_style
 
 if TYPE_CHECKING:
-    from vitlens.train import EpochStats
+    from vitlens.history import EpochStats
 
 
 def plot_loss(history: Sequence[EpochStats], *, ax: Axes) -> Axes:

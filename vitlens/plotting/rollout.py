@@ -220,7 +220,5 @@ def head_attention_figure(
                 plot_rollout(images[i], heads[i, h], ax=axes[i, h + 1], vmax=None)
                 if i == 0:
                     axes[i, h + 1].set_title(f"head {h}", fontsize=8)
-        fig.suptitle(
-            f"layer {layer}: attention of the {target} token per head (each tile scaled to its max)", fontsize=9
-        )
+        fig.suptitle(title, fontsize=9)
     return fig
