@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from timm.models.deit import VisionTransformerDistilled
@@ -94,3 +96,25 @@ def demo():
     from vitlens.models import load_vit
 
     return load_vit("demo", device="cpu")
+
+
+@pytest.fixture
+def vitlens_warnings():
+    """The messages the ``vitlens`` logger warns while the test runs, by a handler on that logger itself (a CLI
+    invocation earlier in the session turns its propagation to the root logger, and so ``caplog``, off)."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            messages.append(record.getMessage())
+
+    from vitlens.log import logger
+
+    handler, level = Collect(logging.WARNING), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,32 +20,11 @@ from vitlens.data import open_dataset
 from vitlens.definitions.fewshot import DEFINITION, FewShotProbeResult, fewshot
 from vitlens.errors import NotApplicable, ParameterError, VitlensError
 from vitlens.features import extract_features
-from vitlens.log import logger
 from vitlens.registry import get
 from vitlens.result import load_result
 
 NUM_IMAGES = 100  # per split: 10 digits of each class
 FAST = {"shots": (1, 5), "seeds": 2, "num_images": NUM_IMAGES, "use_cache": False}
-
-
-@pytest.fixture
-def vitlens_warnings():
-    """The messages the ``vitlens`` logger warns while the test runs, by a handler on that logger itself (a CLI
-    invocation earlier in the session turns its propagation to the root logger, and so ``caplog``, off)."""
-    messages: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            messages.append(record.getMessage())
-
-    handler, level = Collect(logging.WARNING), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING)
-    try:
-        yield messages
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 @pytest.fixture(scope="module")

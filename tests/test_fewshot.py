@@ -31,28 +31,7 @@ from vitlens.errors import UsageError, VitlensError
 from vitlens.feature_cache import cache_path, cached_features, feature_cache_key
 from vitlens.features import extract_features
 from vitlens.layout import Preprocess
-from vitlens.log import logger
 from vitlens.models import ViT, load_vit
-
-
-@pytest.fixture
-def vitlens_warnings():
-    """The messages the ``vitlens`` logger warns while the test runs, by a handler on that logger itself (a CLI
-    invocation earlier in the session turns its propagation to the root logger, and so ``caplog``, off)."""
-    messages: list[str] = []
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            messages.append(record.getMessage())
-
-    handler, level = Collect(logging.WARNING), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.WARNING)
-    try:
-        yield messages
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 def _blobs(per_class: int, num_classes: int, dim: int, *, spread: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
