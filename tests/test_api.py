@@ -84,4 +84,4 @@ def test_register_refuses_a_dataclass_that_replaced_eq_or_repr():
         x: int = 0
 
     with pytest.raises(RuntimeError, match="repr=False, eq=False"):
-        register(Definition("bad", "bad", "", Bad, lambda: Bad(), lambda run: Bad(), False))
+        register(Definition("bad", "bad", "", Bad, lambda: Bad(), lambda run: Bad(), False, 99, "x:y"))

@@ -78,13 +78,30 @@ __all__ = [
 ]
 
 
+def _analysis_names() -> dict[str, Any]:
+    """Every registered analysis's public function and result type, by name (the registry is torch-free)."""
+    from vitlens.registry import definitions
+
+    names: dict[str, Any] = {}
+    for definition in definitions():
+        names[definition.compute.__name__] = definition.compute
+        names[definition.result.__name__] = definition.result
+    return names
+
+
 def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'vitlens' has no attribute {name!r}")
-    module, attribute = _EXPORTS[name]
-    value = getattr(importlib.import_module(module), attribute)
+    if name in _EXPORTS:
+        module, attribute = _EXPORTS[name]
+        value = getattr(importlib.import_module(module), attribute)
+    else:  # an analysis registered without an entry above: found through the registry
+        value = _analysis_names().get(name)
+        if value is None:
+            raise AttributeError(f"module 'vitlens' has no attribute {name!r}")
     globals()[name] = value  # later look-ups skip this function
     return value
+
+
+__all__ += [name for name in _analysis_names() if name not in __all__]
 
 
 def __dir__() -> list[str]:

@@ -1,9 +1,9 @@
 """The analyses vitlens knows: one :class:`Definition` each, registered once, in report order.
 
-The CLI commands, the report's sections, ``vitlens.load_result`` and the docs all loop over :func:`definitions`;
-adding an analysis means writing its pure function (``vitlens/analysis/``), its plot (``vitlens/plotting/``) and its
-definition module (``vitlens/definitions/``), which registers itself here. Torch-free: listing the analyses costs
-no import of the heavy libraries.
+The CLI commands, the report's sections, ``vitlens.load_result``, the flat ``vitlens.*`` names and the docs all
+loop over :func:`definitions`; adding an analysis means writing its pure function (``vitlens/analysis/``), its plot
+(``vitlens/plotting/``), its definition module (``vitlens/definitions/``, found here by listing that package) and its
+command (``vitlens/cli/``). Torch-free: listing the analyses costs no import of the heavy libraries.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ if TYPE_CHECKING:
     from vitlens.result import Result
 
 _REGISTRY: dict[str, Definition] = {}
-# Report order; each definition module is imported on first use of the registry.
-_MODULES = ("filters", "pos_sim", "attention_distance", "rollout", "fewshot")
 
 
 @dataclass(frozen=True)
@@ -32,6 +30,8 @@ class Definition:
         compute: the public function (``vitlens.pos_sim``): model (and data) plus options in, result out.
         section: how the report runs it: ``section(run)`` with the report's shared options (model, data, ...).
         needs_data: whether it streams images through the model.
+        order: its place in the report and in ``vitlens --help`` (ascending).
+        command: ``"module:function"`` of its CLI command (imported by the CLI only).
     """
 
     name: str
@@ -41,6 +41,8 @@ class Definition:
     compute: Callable[..., Result]
     section: Callable[[Any], Result]
     needs_data: bool
+    order: int
+    command: str
 
 
 def register(definition: Definition) -> Definition:
@@ -62,13 +64,15 @@ def register(definition: Definition) -> Definition:
 
 
 def definitions() -> list[Definition]:
-    """Every registered analysis, in report order."""
+    """Every registered analysis, in report order (each module of ``vitlens.definitions`` registers one)."""
     import importlib
+    import pkgutil
 
-    for module in _MODULES:
-        importlib.import_module(f"vitlens.definitions.{module}")
-    order = {name: i for i, name in enumerate(_MODULES)}
-    return sorted(_REGISTRY.values(), key=lambda d: order.get(d.result.stem, len(order)))
+    import vitlens.definitions
+
+    for module in pkgutil.iter_modules(vitlens.definitions.__path__):
+        importlib.import_module(f"vitlens.definitions.{module.name}")
+    return sorted(_REGISTRY.values(), key=lambda d: (d.order, d.name))
 
 
 def get(name: str) -> Definition:

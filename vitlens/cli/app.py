@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Annotated
 
 import typer
 
 from vitlens import __version__
-from vitlens.cli import attention_distance as attention_distance_cmd
 from vitlens.cli import config as config_cmd
-from vitlens.cli import fewshot as fewshot_cmd
-from vitlens.cli import filters as filters_cmd
 from vitlens.cli import info as info_cmd
-from vitlens.cli import pos_sim as pos_sim_cmd
 from vitlens.cli import report as report_cmd
-from vitlens.cli import rollout as rollout_cmd
 from vitlens.cli import train as train_cmd
 from vitlens.cli.console import fail, handle_errors, set_debug, setup_logging
 from vitlens.errors import VitlensError
+from vitlens.registry import definitions
 
 app = typer.Typer(
     name="vitlens",
@@ -53,12 +50,10 @@ def main_callback(
 
 
 app.command("info")(handle_errors(info_cmd.info))
-app.command("filters")(handle_errors(filters_cmd.filters))
-app.command("pos-sim")(handle_errors(pos_sim_cmd.pos_sim))
-app.command("attention-distance")(handle_errors(attention_distance_cmd.attention_distance))
-app.command("rollout")(handle_errors(rollout_cmd.rollout))
+for _definition in definitions():  # one command per registered analysis, in report order
+    _module, _function = _definition.command.split(":")
+    app.command(_definition.name)(handle_errors(getattr(importlib.import_module(_module), _function)))
 app.command("train")(handle_errors(train_cmd.train))
-app.command("fewshot")(handle_errors(fewshot_cmd.fewshot))
 app.command("report")(handle_errors(report_cmd.report))
 app.command("config")(handle_errors(config_cmd.config))
 

@@ -226,5 +226,7 @@ DEFINITION = register(
         compute=attention_distance,
         section=_section,
         needs_data=True,
+        order=30,
+        command="vitlens.cli.attention_distance:attention_distance",
     )
 )

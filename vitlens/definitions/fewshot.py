@@ -492,5 +492,7 @@ DEFINITION = register(
         compute=fewshot,
         section=_section,
         needs_data=True,
+        order=50,
+        command="vitlens.cli.fewshot:fewshot",
     )
 )

@@ -163,5 +163,7 @@ DEFINITION = register(
         compute=filters,
         section=_section,
         needs_data=False,
+        order=10,
+        command="vitlens.cli.filters:filters",
     )
 )

@@ -179,5 +179,7 @@ DEFINITION = register(
         compute=pos_sim,
         section=_section,
         needs_data=False,
+        order=20,
+        command="vitlens.cli.pos_sim:pos_sim",
     )
 )

@@ -418,5 +418,7 @@ DEFINITION = register(
         compute=rollout,
         section=_section,
         needs_data=True,
+        order=40,
+        command="vitlens.cli.rollout:rollout",
     )
 )

@@ -98,7 +98,8 @@ def load_vit(
     Args:
         spec: a checkpoint file (.safetensors/.pth/.pt/.bin/.ckpt/.npz), a checkpoint folder (Hugging Face
             ``save_pretrained``, timm ``save_for_hf``, open_clip hub) or ``local-dir:FOLDER``, a timm model name
-            (with optional pretrained tag), ``hf-hub:org/name``, or ``demo`` (also when None).
+            (with optional pretrained tag), ``hf-hub:org/name[@revision]`` (timm, transformers or open_clip repos,
+            through the hub cache), or ``demo`` (also when None).
         arch: timm architecture for a state dict that is not a vitlens checkpoint (else it is read or inferred).
         num_heads: heads per layer where the source does not say (state dicts without a config).
         model_kwargs: extra ``timm.create_model`` kwargs; they override what a converter chose (e.g.
