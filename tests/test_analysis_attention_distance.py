@@ -15,7 +15,7 @@ from vitlens.analysis import (
     mean_attention_distance,
     patch_distances_px,
 )
-from vitlens.errors import UsageError, VitlensError
+from vitlens.errors import ParameterError, VitlensError
 from vitlens.layout import TokenLayout
 
 # Non-square grid (3 rows, 5 columns) of non-square patches (16 px tall, 8 px wide), class token + 2 registers.
@@ -209,7 +209,8 @@ def test_errors():
     acc.update(0, random_attention(1, 3, N, seed=0))
     with pytest.raises(VitlensError, match="different numbers"):
         acc.result()
-    with pytest.raises(UsageError):
+    with pytest.raises(ParameterError, match="^depth must be positive, not 0") as info:
         AttentionDistanceAccumulator(LAYOUT, depth=0, num_heads=3)
+    assert info.value.param == "depth"
     with pytest.raises(VitlensError, match="no attention"):
         mean_attention_distance([], LAYOUT)

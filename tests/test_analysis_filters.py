@@ -10,7 +10,7 @@ import torch
 from sklearn.decomposition import PCA
 
 from vitlens.analysis import PAPER_NUM_COMPONENTS, filter_pca
-from vitlens.errors import UsageError, VitlensError
+from vitlens.errors import ParameterError, VitlensError
 
 
 def _weight(d: int = 40, c: int = 3, ph: int = 4, pw: int = 5, seed: int = 0) -> torch.Tensor:
@@ -63,15 +63,16 @@ def test_sign_is_deterministic():
 
 
 def test_default_is_paper_count_or_all_there_are():
-    assert filter_pca(_weight(d=40)).num_components == PAPER_NUM_COMPONENTS == 28
+    assert filter_pca(_weight(d=40)).num_components == PAPER_NUM_COMPONENTS
     assert filter_pca(_weight(d=8, c=3, ph=2, pw=2)).num_components == 8  # min(8 filters, 12 values)
     assert filter_pca(_weight(d=64, c=1, ph=2, pw=3)).num_components == 6  # min(64 filters, 6 values)
 
 
 @pytest.mark.parametrize("k", [0, -1, 13])
 def test_bad_num_components(k):
-    with pytest.raises(UsageError, match="num_components"):
+    with pytest.raises(ParameterError, match="^num_components must be between 1 and 12") as info:
         filter_pca(_weight(d=20, c=3, ph=2, pw=2), num_components=k)  # at most min(20, 12) = 12
+    assert info.value.param == "num_components"
 
 
 def test_float32_input_and_json():

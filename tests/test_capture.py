@@ -7,7 +7,7 @@ import torch
 
 from tests.conftest import input_for, make_vit
 from vitlens.capture import attention_capture
-from vitlens.errors import UsageError, VitlensError
+from vitlens.errors import ParameterError, VitlensError
 from vitlens.layout import Preprocess
 from vitlens.models.vit import ViT
 
@@ -77,8 +77,12 @@ def test_flags_and_hooks_restored_after_success_and_error():
 
 def test_bad_layer_index():
     vit = _wrap(make_vit("cls"))
-    with pytest.raises(UsageError, match="out of range"), attention_capture(vit, lambda i, a: None, layers=[5]):
+    with (
+        pytest.raises(ParameterError, match="^layers: layer 5 is out of range") as info,
+        attention_capture(vit, lambda i, a: None, layers=[5]),
+    ):
         pass
+    assert info.value.param == "layers"
 
 
 def test_no_attention_module_raises():

@@ -108,7 +108,7 @@ def test_batch_size_format_table_and_quiet(tmp_path):
         (["--num-images", "-5"], 2, "--num-images must be a positive number"),
         (["--format", "jpg"], 2, "--format must be one of png, svg, pdf"),
         (["--split", "validation"], 2, "--split must be one of"),
-        (["--data", "no-such-data"], 1, "neither a known dataset"),
+        (["--data", "no-such-data"], 2, "--data 'no-such-data' is neither a known dataset"),
     ],
 )
 def test_errors_are_one_line_and_write_nothing(tmp_path, extra, code, needle):

@@ -17,7 +17,7 @@ from conftest import input_for, make_vit
 from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 
-from vitlens.errors import VitlensError
+from vitlens.errors import ParameterError, VitlensError
 from vitlens.models import load_vit
 from vitlens.models.infer import heads_for_width
 
@@ -278,12 +278,13 @@ def test_preprocess_overrides_replace_the_guess(tmp_path):
     assert "interpolation" in vit.guessed and not any("mean" in k for k in vit.guessed)
     demo = load_vit("demo", device="cpu", interpolation="BILINEAR")
     assert demo.preprocess.interpolation == "bilinear" and not demo.guessed
-    with pytest.raises(VitlensError, match="--mean has 2 values"):
+    with pytest.raises(ParameterError, match="^mean has 2 values") as mean:
         load_vit(tmp_path / "m.pth", num_heads=3, device="cpu", mean="0.1,0.2")
-    with pytest.raises(VitlensError, match="--std must be positive"):
+    with pytest.raises(ParameterError, match="^std must be positive") as std:
         load_vit(tmp_path / "m.pth", num_heads=3, device="cpu", std="0,1,1")
-    with pytest.raises(VitlensError, match="--interpolation must be one of"):
+    with pytest.raises(ParameterError, match="^interpolation must be one of") as interpolation:
         load_vit(tmp_path / "m.pth", num_heads=3, device="cpu", interpolation="cubic-ish")
+    assert (mean.value.param, std.value.param, interpolation.value.param) == ("mean", "std", "interpolation")
 
 
 def test_npz_gets_half_half_and_names_dropped_pre_logits(tmp_path, caplog):

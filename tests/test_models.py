@@ -1,9 +1,11 @@
-"""Loading: every file kind round-trips, every layout is inferred, and hostile or wrong files fail cleanly."""
+"""Loading: every file kind round-trips, every layout is inferred, and wrong options fail cleanly.
+
+Broken, hostile and mismatching checkpoint files are test_reliability_checkpoints.py's.
+"""
 
 from __future__ import annotations
 
 import logging
-import pickle
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from tests.conftest import VIT_FIXTURES, input_for, make_vit, native_kwargs, save_fixture
-from vitlens.errors import UsageError, VitlensError
+from vitlens.errors import ParameterError, UsageError, VitlensError
 from vitlens.models import load_vit
 from vitlens.models.checkpoint import save_checkpoint
 
@@ -69,7 +71,7 @@ def test_heads_guessed_from_width_table(tmp_path):
         load_vit(tmp_path / "n.pth", device="cpu")
 
 
-def test_arch_option_and_mismatch(tmp_path):
+def test_arch_option(tmp_path):
     from timm.models.vision_transformer import VisionTransformer
 
     small = VisionTransformer(img_size=32, patch_size=16, embed_dim=192, depth=2, num_heads=3, num_classes=4)
@@ -77,8 +79,6 @@ def test_arch_option_and_mismatch(tmp_path):
     opts = dict(model_kwargs={"depth": 2}, img_size=32, device="cpu")
     vit = load_vit(tmp_path / "s.pth", arch="vit_tiny_patch16_224", **opts)
     assert vit.layout.grid_size == (2, 2) and vit.num_classes == 4
-    with pytest.raises(VitlensError, match=r"does not fit.*(checkpoint \[|missing)"):
-        load_vit(tmp_path / "s.pth", arch="vit_small_patch16_224", **opts)
 
 
 def test_mlp_head_dropped_with_warning(tmp_path, caplog):
@@ -110,8 +110,9 @@ def test_img_size_resamples_pos_embed(tmp_path):
     assert vit.model.pos_embed.shape[1] == 1 + 48
     with torch.no_grad():
         assert vit.model(torch.randn(1, 3, 48, 64)).shape == (1, 5)
-    with pytest.raises(UsageError, match="not divisible"):
+    with pytest.raises(ParameterError, match="^img_size 30,30 is not divisible") as info:
         load_vit(tmp_path / "c.pth", num_heads=3, img_size=30, device="cpu")
+    assert info.value.param == "img_size"
 
 
 def _write_google_npz(model, path):
@@ -155,12 +156,6 @@ def test_google_npz_round_trip(tmp_path):
     assert _same_outputs(model, vit)
 
 
-def test_npz_that_is_not_a_vit(tmp_path):
-    np.savez(tmp_path / "x.npz", weights=np.zeros(3))
-    with pytest.raises(VitlensError, match="not a Google ViT"):
-        load_vit(tmp_path / "x.npz", device="cpu")
-
-
 def test_vitlens_checkpoint_rebuilds_from_metadata(tmp_path):
     model = make_vit("reg")
     _, kwargs = VIT_FIXTURES["reg"]
@@ -177,91 +172,12 @@ def test_vitlens_checkpoint_rebuilds_from_metadata(tmp_path):
     assert not vit.guessed
 
 
-class _Payload:
-    """Pickles into a call of os.system: exactly what weights_only must refuse."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        import os
-
-        return (os.system, (f"touch {self.marker}",))
-
-
-def test_malicious_pickle_is_refused_and_never_runs(tmp_path):
-    marker = tmp_path / "pwned"
-    path = tmp_path / "evil.pth"
-    with open(path, "wb") as f:
-        torch.save({"state_dict": {"x": torch.zeros(1)}, "evil": _Payload(marker)}, f)
-    # The payload is real: a plain (unsafe) load of the same kind of file does run it.
-    probe_marker, probe = tmp_path / "probe-ran", tmp_path / "probe.pth"
-    torch.save({"evil": _Payload(probe_marker)}, probe)
-    torch.load(probe, weights_only=False)
-    assert probe_marker.exists()
-    with pytest.raises(VitlensError, match="refused to load evil.pth: its pickle asks to run code"):
-        load_vit(path, device="cpu")
-    assert not marker.exists()
-
-
-def test_legacy_pickle_payload_refused(tmp_path):
-    marker = tmp_path / "pwned2"
-    path = tmp_path / "evil2.pt"
-    path.write_bytes(pickle.dumps(_Payload(marker)))
-    with pytest.raises(VitlensError, match="refused to load evil2.pt"):
-        load_vit(path, device="cpu")
-    assert not marker.exists()
-
-
-@pytest.mark.parametrize(
-    ("make", "message"),
-    [
-        (lambda p: None, "checkpoint not found"),
-        (lambda p: p.mkdir(), "folder without model weights"),
-        (lambda p: p.write_bytes(b""), "is empty"),
-        (lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)), "not a readable PyTorch checkpoint"),
-    ],
-)
-def test_broken_files(tmp_path, make, message):
-    path = tmp_path / "broken.pth"
-    make(path)
-    with pytest.raises(VitlensError, match=message):
-        load_vit(path, device="cpu")
-
-
-def test_truncated_safetensors(tmp_path):
-    path = tmp_path / "t.safetensors"
-    save_file({k: v.contiguous() for k, v in make_vit("cls").state_dict().items()}, str(path))
-    path.write_bytes(path.read_bytes()[:-1000])
-    with pytest.raises(VitlensError, match="not a readable safetensors file"):
-        load_vit(path, device="cpu")
-
-
-def test_resnet_checkpoint_is_not_a_vit(tmp_path):
-    import timm
-
-    torch.save(timm.create_model("resnet10t", pretrained=False).state_dict(), tmp_path / "r.pth")
-    with pytest.raises(VitlensError, match="CNN"):
-        load_vit(tmp_path / "r.pth", device="cpu")
-    with pytest.raises(VitlensError, match="not a Vision Transformer"):
-        load_vit("resnet10t", pretrained=False, device="cpu")
-
-
 def test_timm_name_random_init_and_unknown_name():
     vit = load_vit("vit_tiny_patch16_224", pretrained=False, img_size=64, device="cpu")
     assert vit.layout.grid_size == (4, 4) and vit.num_heads == 3
     assert vit.identity.endswith("random-init")
     with pytest.raises(VitlensError, match="not a file and not a timm model name"):
         load_vit("no_such_model_xyz", device="cpu")
-
-
-def test_non_finite_weights_warn(tmp_path, caplog):
-    sd = make_vit("cls").state_dict()
-    sd["pos_embed"][0, 3, 0] = float("nan")
-    torch.save(sd, tmp_path / "nan.pth")
-    with caplog.at_level(logging.WARNING, logger="vitlens"):
-        load_vit(tmp_path / "nan.pth", num_heads=3, device="cpu")
-    assert "NaN/inf" in caplog.text and "pos-sim" in caplog.text
 
 
 def test_device_errors():

@@ -1,7 +1,7 @@
 """Issue 9 through the CLI: broken, hostile and mismatching checkpoints, non-finite weights, finite results.
 
-The library-level versions live in test_models.py; here every case goes through ``vitlens`` itself and must end in
-one red line and the documented exit code (docs/reliability.md), never a traceback.
+Every case goes through ``vitlens`` itself and must end in one red line and the documented exit code
+(docs/reliability.md), never a traceback; test_models.py loads the well-formed files.
 """
 
 from __future__ import annotations
@@ -47,10 +47,15 @@ def _truncated_safetensors(path):
 @pytest.mark.parametrize(
     ("name", "make", "needle"),
     [
+        ("missing.pth", lambda p: None, "checkpoint not found"),
         ("ckpt.pth", lambda p: p.mkdir(), "folder without model weights"),
         ("empty.pth", lambda p: p.write_bytes(b""), "is empty (0 bytes)"),
         ("half.safetensors", _truncated_safetensors, "not a readable safetensors file"),
-        ("noise.pth", lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)), "not a readable PyTorch"),
+        (
+            "noise.pth",
+            lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)),
+            "not a readable PyTorch checkpoint",
+        ),
         ("arrays.npz", lambda p: np.savez(p, a=np.zeros(3), b=np.ones((2, 2))), "not a Google ViT"),
     ],
 )
@@ -60,18 +65,26 @@ def test_broken_checkpoint_files_are_one_line_errors(tmp_path, name, make, needl
     assert_one_line_error(_info(path), 1, needle)
 
 
+def _evil_checkpoint(path, container: str, marker) -> None:
+    if container == "zip":  # torch.save's format, with a real state dict beside the payload
+        torch.save({"state_dict": make_vit("cls").state_dict(), "evil": _Payload(marker)}, path)
+    else:  # a bare pickle, as old .pt files are
+        path.write_bytes(pickle.dumps({"evil": _Payload(marker)}))
+
+
 @pytest.mark.parametrize("container", ["zip", "legacy"])
 def test_a_pickle_that_would_run_code_is_refused_and_never_runs(tmp_path, container):
     marker = tmp_path / "payload-ran"
     path = tmp_path / "evil.pth"
-    if container == "zip":  # torch.save's format, with a real state dict beside the payload
-        torch.save({"state_dict": make_vit("cls").state_dict(), "evil": _Payload(marker)}, path)
+    _evil_checkpoint(path, container, marker)
+    # The payload is live: an unsafe load of a file made the same way does create its marker.
+    probe, probe_marker = tmp_path / "probe.pth", tmp_path / "probe-ran"
+    _evil_checkpoint(probe, container, probe_marker)
+    if container == "zip":
+        torch.load(probe, weights_only=False)
     else:
-        path.write_bytes(pickle.dumps({"evil": _Payload(marker)}))
-    # The payload is live: an unsafe load of the same bytes does create the marker.
-    probe = tmp_path / "probe-ran"
-    pickle.loads(pickle.dumps(_Payload(probe)))
-    assert probe.exists()
+        pickle.loads(probe.read_bytes())
+    assert probe_marker.exists()
 
     for command in (["info"], ["pos-sim", "--out", str(tmp_path / "o")]):
         result = runner.invoke(app, [command[0], str(path), "--device", "cpu", *command[1:]])
@@ -84,8 +97,12 @@ def test_a_resnet_checkpoint_is_not_a_vit(tmp_path):
 
     path = tmp_path / "resnet.pth"
     torch.save(timm.create_model("resnet10t").state_dict(), path)
-    assert_one_line_error(_info(path), 1, "not a Vision Transformer")
-    assert_one_line_error(_info(path, "--arch", "resnet10t"), 1, "builds a ResNet, not a Vision Transformer")
+    result = _info(path)
+    assert_one_line_error(result, 1, "this checkpoint is a CNN (ResNet / ConvNeXt-style keys: conv1.0.weight")
+    assert result.stderr.rstrip().endswith("), not a Vision Transformer")
+    message = "'resnet10t' builds a ResNet, not a Vision Transformer"
+    assert_one_line_error(_info(path, "--arch", "resnet10t"), 1, message)
+    assert_one_line_error(_info("resnet10t", "--no-pretrained"), 1, message)  # a timm name rather than a file
 
 
 def test_arch_of_another_size_names_the_mismatching_keys_and_shapes(tmp_path):
@@ -109,6 +126,7 @@ def test_non_finite_weights_warn_and_the_affected_analyses_say_so(tmp_path):
     warning = " ".join(info.stderr.split())
     assert "NaN/inf weights in 1 tensors (blocks.0.attn.qkv.weight)" in warning
     assert "every forward-pass analysis will be NaN" in warning
+    assert "filters too" not in warning and "pos-sim too" not in warning
 
     # Analyses that do not run the blocks are unaffected and still succeed.
     for command, produced in (("pos-sim", "pos_sim.json"), ("filters", "filters.json")):
@@ -126,6 +144,17 @@ def test_non_finite_weights_warn_and_the_affected_analyses_say_so(tmp_path):
     )
     assert_one_line_error(result, 1, "NaN/inf values")
     assert not out.exists()
+
+    # Broken patch or position embeddings: the warning also names the analyses that read those.
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight[0, 0] = 0.0
+        model.pos_embed[0, 3, 0] = float("inf")
+        model.patch_embed.proj.weight[0, 0, 0, 0] = float("nan")
+    info = _info(save_fixture(tmp_path, "nan-embeddings", model), "--num-heads", "3")
+    assert info.exit_code == 0, info.output
+    warning = " ".join(info.stderr.split())
+    assert "NaN/inf weights in 2 tensors (pos_embed, patch_embed.proj.weight)" in warning
+    assert "; filters too (patch embedding); pos-sim too (position embedding)" in warning
 
 
 def _finite_numbers(obj) -> bool:

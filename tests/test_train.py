@@ -151,10 +151,9 @@ def test_lr_at_is_timms_cosine_schedule_with_warmup(total_steps, warmup_steps, l
     np.testing.assert_allclose(ours, timms, rtol=1e-12, atol=0)
 
 
-def test_presets_are_complete():
+def test_every_preset_is_a_train_config():
     for name in PRESETS:
-        cfg = preset_config(name)
-        assert cfg.model_kwargs["img_size"] == 32 and cfg.model_kwargs["patch_size"] == 4
+        preset_config(name)  # a key that is not a TrainConfig field raises TypeError
 
 
 def _cli(*args):

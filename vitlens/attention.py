@@ -26,7 +26,7 @@ from vitlens.analysis.rollout import (
 from vitlens.capture import attention_capture, resolve_layers
 from vitlens.data import iterate_batches
 from vitlens.device import resolve_batch_size
-from vitlens.errors import UsageError, VitlensError
+from vitlens.errors import ParameterError, VitlensError
 from vitlens.log import logger
 
 if TYPE_CHECKING:
@@ -180,9 +180,10 @@ def mean_attention_distance_for(
     return acc.result()
 
 
-def _check_start_layer(start_layer: int, depth: int) -> None:
-    if not 0 <= start_layer < depth:
-        raise UsageError(f"--start-layer {start_layer} is out of range: the model has {depth} layers (0..{depth - 1})")
+def _check_layer(name: str, layer: int, depth: int, *, from_end: bool = False) -> None:
+    """``layer`` (the parameter ``name``) is a 0-based index of one of ``depth`` layers; ``from_end``: or negative."""
+    if not (-depth if from_end else 0) <= layer < depth:
+        raise ParameterError(name, f"{name} {layer} is out of range: the model has {depth} layers (0..{depth - 1})")
 
 
 def _require_all(seen: int, dataset: ImageDataset) -> None:
@@ -220,12 +221,13 @@ def rollout_for(
         Maps ``[len(dataset), H, W]`` in dataset order, each scaled to max 1.
 
     Raises:
-        UsageError: bad option, or ``start_layer`` outside the model's layers.
+        ParameterError: ``start_layer`` outside the model's layers.
+        UsageError: a bad ``head_fusion``, ``discard_ratio`` or ``target``.
         VitlensError: the model has no ``target`` token, or an image could not be read.
     """
     target = default_target(vit.layout) if target is None else target
+    _check_layer("start_layer", start_layer, vit.depth)
     acc = RolloutAccumulator(vit.layout, head_fusion=head_fusion, discard_ratio=discard_ratio, start_layer=start_layer)
-    _check_start_layer(start_layer, vit.depth)
     resolve_target(target, vit.layout)  # fail before any forward pass
     maps: list[np.ndarray] = []  # [B, H, W] per batch
     patch_mass: list[np.ndarray] = []  # [B] per batch
@@ -291,10 +293,12 @@ def head_attention_for(
         ``[len(dataset), heads, H, W]`` attention weights, unscaled, in dataset order.
 
     Raises:
-        UsageError: ``layer`` out of range or a malformed target.
+        ParameterError: ``layer`` out of range.
+        UsageError: a malformed target.
         VitlensError: the model has no ``target`` token, or an image could not be read.
     """
     target = default_target(vit.layout) if target is None else target
+    _check_layer("layer", layer, vit.depth, from_end=True)
     (index,) = resolve_layers([layer], vit.depth)
     resolve_target(target, vit.layout)
     acc = _HeadMaps(vit.layout, index, target)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING
 
-from vitlens.errors import UsageError, VitlensError
+from vitlens.errors import ParameterError, VitlensError
 
 if TYPE_CHECKING:
     import torch
@@ -28,14 +28,20 @@ OnLayer = Callable[[int, "torch.Tensor"], None]
 
 
 def resolve_layers(layers: Sequence[int] | None, depth: int) -> list[int]:
-    """Normalise 0-based layer indices (negative counts from the end) and check their range."""
+    """Normalise 0-based layer indices (negative counts from the end) and check their range.
+
+    Raises:
+        ParameterError: a layer out of range, named ``layers`` (the parameter of every caller that passes a list).
+    """
     if layers is None:
         return list(range(depth))
     out = []
     for layer in layers:
         idx = layer + depth if layer < 0 else layer
         if not 0 <= idx < depth:
-            raise UsageError(f"layer {layer} is out of range: the model has {depth} layers (0..{depth - 1})")
+            raise ParameterError(
+                "layers", f"layers: layer {layer} is out of range: the model has {depth} layers (0..{depth - 1})"
+            )
         out.append(idx)
     return sorted(set(out))
 
@@ -54,6 +60,7 @@ def attention_capture(vit: ViT, on_layer: OnLayer, *, layers: Sequence[int] | No
         The resolved layer indices.
 
     Raises:
+        ParameterError: a layer out of range.
         VitlensError: the model has no attention module vitlens can capture.
     """
     sites = {site.layer: site for site in vit.attention_sites()}

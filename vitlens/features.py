@@ -15,7 +15,7 @@ import torch
 from vitlens.capture import resolve_layers
 from vitlens.data import iterate_batches
 from vitlens.device import resolve_batch_size
-from vitlens.errors import UsageError, VitlensError
+from vitlens.errors import ParameterError, VitlensError
 from vitlens.log import logger
 
 if TYPE_CHECKING:
@@ -50,17 +50,17 @@ def resolve_feature_layers(vit: ViT, layers: Sequence[int] | None, feature: Feat
     :func:`canonical_feature`).
 
     Raises:
-        UsageError: unknown ``feature``, a layer out of range, or pre-logits asked for at an inner layer.
+        ParameterError: unknown ``feature``, a layer out of range, or pre-logits asked for at an inner layer.
         VitlensError: ``cls`` on a model without a class token.
     """
     feature = canonical_feature(feature)
     if feature not in FEATURE_KINDS:
-        raise UsageError(f"--feature must be one of {', '.join(FEATURE_KINDS)}, not {feature!r}")
+        raise ParameterError("feature", f"feature must be one of {', '.join(FEATURE_KINDS)}, not {feature!r}")
     depth = vit.depth
     chosen = resolve_layers([-1] if layers is None else list(layers), depth)
     if feature == "pre-logits" and chosen != [depth - 1]:
-        raise UsageError(
-            "pre-logits exist after the last block only; use --feature cls or --feature mean-patch with --layer"
+        raise ParameterError(
+            "layers", f"layers {chosen} need feature cls or mean-patch: pre-logits exist after the last block only"
         )
     if feature == "cls" and not vit.layout.has_class_token:
         raise VitlensError("this model has no class token (it pools the patch tokens); use --feature mean-patch")
@@ -95,8 +95,8 @@ def extract_features(
         ``{layer: [len(dataset), D] float32 on the CPU}``, rows in dataset order.
 
     Raises:
-        UsageError / VitlensError: as :func:`resolve_feature_layers`; an image could not be read (rows must line up
-            with ``dataset.labels``).
+        ParameterError / VitlensError: as :func:`resolve_feature_layers`; an image could not be read (rows must line
+            up with ``dataset.labels``).
     """
     feature = canonical_feature(feature)
     chosen = resolve_feature_layers(vit, layers, feature)

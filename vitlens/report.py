@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from vitlens import defaults
-from vitlens.errors import NotApplicable, UsageError, VitlensError
+from vitlens.errors import NotApplicable, ParameterError, VitlensError
 from vitlens.result import finite
 
 if TYPE_CHECKING:
@@ -85,7 +85,7 @@ def parse_sections(value: str | Sequence[str] | None) -> tuple[str, ...]:
     """``"info,filters"`` (or a list of such) as section names in report order; None for all.
 
     Raises:
-        UsageError: an unknown name.
+        ParameterError: an unknown name, or none (named ``sections``, as in :func:`build_report`).
     """
     sections = section_names()
     if value is None:
@@ -95,7 +95,7 @@ def parse_sections(value: str | Sequence[str] | None) -> tuple[str, ...]:
     unknown = sorted(names - set(sections))
     if unknown or not names:
         shown = ", ".join(unknown) if unknown else "(none)"
-        raise UsageError(f"--sections: unknown section {shown}; choose from {', '.join(sections)}")
+        raise ParameterError("sections", f"sections: unknown section {shown}; choose from {', '.join(sections)}")
     return tuple(s for s in sections if s in names)
 
 
@@ -169,7 +169,7 @@ def build_report(
         on_section: called as ``on_section(name, done, total)`` before each section, and ``("", total, total)`` last.
 
     Raises:
-        UsageError: an unknown section name.
+        ParameterError: an unknown section name.
         VitlensError: the output folder cannot be written.
     """
     from vitlens.io import ensure_out_dir, write_json, write_text

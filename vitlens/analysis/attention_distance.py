@@ -16,7 +16,7 @@ import torch
 from einops import rearrange
 
 from vitlens.analysis._common import as_f64, check_attention, compute_dtype, f64_device, to_numpy
-from vitlens.errors import UsageError, VitlensError
+from vitlens.errors import ParameterError, VitlensError
 from vitlens.layout import TokenLayout
 
 
@@ -157,8 +157,9 @@ class AttentionDistanceAccumulator:
     """
 
     def __init__(self, layout: TokenLayout, *, depth: int, num_heads: int, renormalize: bool = True) -> None:
-        if depth < 1 or num_heads < 1:
-            raise UsageError(f"depth and num_heads must be positive, got depth={depth}, num_heads={num_heads}")
+        for name, value in (("depth", depth), ("num_heads", num_heads)):
+            if value < 1:
+                raise ParameterError(name, f"{name} must be positive, not {value}")
         self.layout = layout
         self.depth = depth
         self.num_heads = num_heads

@@ -19,7 +19,7 @@ from einops import rearrange
 
 from vitlens import defaults
 from vitlens.analysis._common import f64_device
-from vitlens.errors import UsageError, VitlensError
+from vitlens.errors import ParameterError, VitlensError
 
 Method = Literal["auto", "primal", "dual"]
 
@@ -123,7 +123,11 @@ class RidgeEigen:
 
     @classmethod
     def fit(cls, x: torch.Tensor, y: torch.Tensor, *, method: Method = "auto") -> RidgeEigen:
-        """Decompose systems ``x [B, n, d]``, ``y [B, n, K]`` (float64); ``auto`` is primal when ``n >= d``."""
+        """Decompose systems ``x [B, n, d]``, ``y [B, n, K]`` (float64); ``auto`` is primal when ``n >= d``.
+
+        Raises:
+            ParameterError: ``method`` is not auto, primal or dual.
+        """
         n, d = x.shape[-2:]
         if method == "auto":
             method = "primal" if n >= d else "dual"
@@ -138,7 +142,7 @@ class RidgeEigen:
             train_proj = x @ lhs  # [B, n, n] = Q diag(e)
             hat_left = q
         else:
-            raise UsageError(f"method must be auto, primal or dual, not {method!r}")
+            raise ParameterError("method", f"method must be auto, primal or dual, not {method!r}")
         return cls(e.clamp_min(0), lhs, rhs, train_proj, hat_left, method)
 
     def weights(self, l2: torch.Tensor) -> torch.Tensor:
@@ -272,7 +276,7 @@ def _as_layers(feats: torch.Tensor | Mapping[int, torch.Tensor]) -> dict[int, to
 
 def _check_positive(name: str, values: Sequence[float]) -> None:
     if not values or any(not math.isfinite(v) or v <= 0 for v in values):
-        raise UsageError(f"{name} must be positive, got {list(values)}")
+        raise ParameterError(name, f"{name} must be positive, got {list(values)}")
 
 
 def fewshot_lsr(
@@ -316,21 +320,22 @@ def fewshot_lsr(
             JSON.
 
     Raises:
-        UsageError: non-positive ``shots``, ``seeds`` or ``l2``; mismatched layers or shapes.
+        ParameterError: non-positive ``shots``, ``seeds`` or ``l2``; features whose layers or shapes do not match
+            each other or the labels.
         VitlensError: as :func:`check_shot_pool`; an empty test set.
     """
     shots = tuple(sorted({int(s) for s in shots}))
     _check_positive("shots", shots)
     if int(seeds) < 1:
-        raise UsageError(f"seeds must be at least 1, got {seeds}")
+        raise ParameterError("seeds", f"seeds must be at least 1, got {seeds}")
     l2_auto = isinstance(l2, str)
     if l2_auto and l2 != "auto":
-        raise UsageError(f"l2 must be a positive number or 'auto', not {l2!r}")
+        raise ParameterError("l2", f"l2 must be a positive number or 'auto', not {l2!r}")
     if not l2_auto:
         _check_positive("l2", [float(l2)])
     train, test = _as_layers(train_feats), _as_layers(test_feats)
     if list(train) != list(test):
-        raise UsageError(f"train and test features have different layers: {list(train)} vs {list(test)}")
+        raise ParameterError("test_feats", f"test_feats has layers {list(test)}, train_feats {list(train)}")
     y_pool = _labels_numpy(train_labels)  # [N]
     y_test = torch.from_numpy(_labels_numpy(test_labels))  # [M], moved to the solve's device where it is used
     K = int(num_classes) if num_classes is not None else int(max(y_pool.max(initial=0), y_test.max().item()) + 1)
@@ -339,10 +344,17 @@ def fewshot_lsr(
     x_test = [test[la].detach() for la in layers]  # L x [M, D]
     D = x_pool[0].shape[-1]
     for a, b in zip(x_pool, x_test, strict=True):
-        if a.shape != (len(y_pool), D) or b.shape != (len(y_test), D):
-            raise UsageError(
-                f"features and labels do not match: train {list(a.shape)} for {len(y_pool)} labels, "
-                f"test {list(b.shape)} for {len(y_test)} labels, {D} features expected"
+        if a.shape != (len(y_pool), D):
+            raise ParameterError(
+                "train_feats",
+                f"train_feats must be [{len(y_pool)}, {D}] (one row per label, one width in every layer), "
+                f"not {list(a.shape)}",
+            )
+        if b.shape != (len(y_test), D):
+            raise ParameterError(
+                "test_feats",
+                f"test_feats must be [{len(y_test)}, {D}] (one row per label, the width of train_feats), "
+                f"not {list(b.shape)}",
             )
     if len(y_test) == 0:
         raise VitlensError("the test set is empty")

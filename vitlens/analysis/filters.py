@@ -9,10 +9,10 @@ import torch
 from einops import rearrange
 
 from vitlens.analysis._common import as_f64, to_numpy
-from vitlens.errors import UsageError, VitlensError
 
 # ViT paper, Fig. 7 (left): "RGB embedding filters (first 28 principal components)".
-PAPER_NUM_COMPONENTS = 28
+from vitlens.defaults import FILTERS_NUM_COMPONENTS as PAPER_NUM_COMPONENTS  # the paper's Fig. 7 shows 28
+from vitlens.errors import ParameterError, VitlensError
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def filter_pca(weight: torch.Tensor, *, num_components: int | None = None) -> Fi
         num_components: how many components to keep. ``None`` means the paper's 28, or all there are if fewer.
 
     Raises:
-        UsageError: ``num_components`` is below 1 or above ``min(D, C*ph*pw)``.
+        ParameterError: ``num_components`` is below 1 or above ``min(D, C*ph*pw)``.
         VitlensError: ``weight`` is not 4-D.
     """
     if weight.ndim != 4:
@@ -59,9 +59,10 @@ def filter_pca(weight: torch.Tensor, *, num_components: int | None = None) -> Fi
     if num_components is None:
         k = min(PAPER_NUM_COMPONENTS, available)
     elif not 1 <= num_components <= available:
-        raise UsageError(
+        raise ParameterError(
+            "num_components",
             f"num_components must be between 1 and {available} (min of {d} filters and {c}*{ph}*{pw} values), "
-            f"got {num_components}"
+            f"got {num_components}",
         )
     else:
         k = num_components

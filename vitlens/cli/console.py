@@ -89,6 +89,7 @@ PARAMETER_FLAGS = {
     "fmt": "--format",
     "layers": "--layer",
     "per_head_layer": "--layer",
+    "spec": "--data",  # open_dataset's spec: --data, and --test-data / the images of rollout, which pass it on
 }
 
 

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from vitlens import defaults
 from vitlens.cli.console import err_console, out_console, print_json, run_metadata
 from vitlens.cli.fewshot import L2Opt, NoCacheOpt, SeedsOpt, ShotsOpt, parse_l2, parse_shots
 from vitlens.cli.options import (
@@ -86,15 +87,15 @@ def report(
     data: DataOpt = "digits",
     images: ImagesOpt = None,
     split: SplitOpt = "test",
-    num_images: ReportNumImagesOpt = 128,
+    num_images: ReportNumImagesOpt = defaults.REPORT_NUM_IMAGES,
     data_root: DataRootOpt = None,
     download: DownloadOpt = False,
     batch_size: BatchSizeOpt = None,
     sections: SectionsOpt = None,
-    rollout_images: RolloutImagesOpt = 6,
-    shots: ShotsOpt = "1,5,10",
-    seeds: SeedsOpt = 3,
-    l2: L2Opt = "1024",
+    rollout_images: RolloutImagesOpt = defaults.REPORT_ROLLOUT_IMAGES,
+    shots: ShotsOpt = ",".join(str(s) for s in defaults.REPORT_SHOTS),
+    seeds: SeedsOpt = defaults.REPORT_SEEDS,
+    l2: L2Opt = f"{defaults.REPORT_L2:g}",
     no_cache: NoCacheOpt = False,
     out: OutOpt = Path("vitlens-report"),
     json_: JsonOpt = False,

@@ -10,8 +10,10 @@ from dataclasses import InitVar, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
+
 from vitlens import defaults
-from vitlens.errors import NotApplicable, ParameterError, UsageError, VitlensError
+from vitlens.errors import NotApplicable, ParameterError, VitlensError
 from vitlens.registry import Definition, register
 from vitlens.result import Result
 
@@ -280,10 +282,7 @@ def check_layers(layers: Any, depth: int) -> list[int] | None:
         raise ParameterError(
             "layers", f"layers must be 'all' or 0-based layer indices separated by commas, not {layers!r}"
         )
-    try:
-        return resolve_layers(asked, depth)
-    except UsageError as e:
-        raise ParameterError("layers", f"layers: {e}") from None
+    return resolve_layers(asked, depth)  # a ParameterError on "layers" for an index out of range
 
 
 def _check_count(name: str, value: Any, rule: str) -> None:
@@ -323,16 +322,16 @@ def _pool_and_test(
     part = pool_split(split, has_test_data=test_data is not None)
     if isinstance(data, ImageDataset) and split is not None and part != "all":
         raise ParameterError("split", "split applies to a data spec; a dataset is the shot pool whole")
-    if isinstance(data, ImageDataset):
-        if test_data is None:
-            raise ParameterError(
-                "test_data",
-                "test_data is needed when data is a dataset (the pool of shots): give the images to score, "
-                "or data as a spec string, whose train and test splits are used",
-            )
-        pool = _labelled(data)
-    else:
-        pool = open_split(data, part)
+    if isinstance(data, ImageDataset) and test_data is None:
+        # A dataset alone is split as a folder without official splits is: 80/20, stratified, fixed seed.
+        from vitlens.data.subsets import _holdout_is_test
+
+        labelled = _labelled(data)
+        is_test = _holdout_is_test(labelled.labels)  # [N] bool
+        return labelled.subset(np.flatnonzero(~is_test), tag="train"), labelled.subset(
+            np.flatnonzero(is_test), tag="test"
+        )
+    pool = _labelled(data) if isinstance(data, ImageDataset) else open_split(data, part)
     if test_data is None:
         test = open_split(data, "test")
     else:
@@ -375,7 +374,8 @@ def fewshot(
         vit: the model (:func:`vitlens.load`).
         data: a data spec (``digits``, ``cifar10``, a folder), whose train split is the pool of shots and test split
             the images scored (with ``test_data``: all of it is the pool, see ``split``); or a labelled
-            :class:`~vitlens.data.ImageDataset`, the pool, used whole (then ``test_data`` is needed).
+            :class:`~vitlens.data.ImageDataset`: with ``test_data`` the pool, used whole; alone, split 80/20 into
+            pool and scored images (stratified by class, fixed seed, as a folder without official splits is).
         test_data: the images to score instead of the test split of ``data``: a spec (used whole, all splits) or a
             dataset; its classes must be those of ``data``, in the same order.
         split: the part of a ``data`` spec that is the pool of shots: ``train`` or ``all``. None: ``train`` without

@@ -14,7 +14,7 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
-from vitlens.errors import UsageError, VitlensError
+from vitlens.errors import ParameterError, VitlensError
 from vitlens.models.convert import INFERRED_ARCH, Conversion, build_vit, check_structure, mlp_ratio_for
 from vitlens.models.infer import heads_for_width
 
@@ -312,7 +312,9 @@ def _heads(
             raise VitlensError(f"{source} {head_width!r} does not divide the tower width {width}")
         heads = width // head_width
         if num_heads is not None and num_heads != heads:
-            raise UsageError(f"--num-heads {num_heads} contradicts {source} ({width} // {head_width} = {heads})")
+            raise ParameterError(
+                "num_heads", f"num_heads {num_heads} contradicts {source} ({width} // {head_width} = {heads})"
+            )
         return heads, None
     return heads_for_width(width, num_heads)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from vitlens.errors import UsageError, VitlensError
+from vitlens.errors import ParameterError, VitlensError
 
 if TYPE_CHECKING:
     import torch
@@ -136,7 +136,8 @@ def _mlp_layer(name: str) -> type:
 
     table = {"mlp": Mlp, "swiglu_packed": SwiGLUPacked, "swiglu": SwiGLU}
     if name not in table:
-        raise UsageError(f"mlp_layer '{name}' is not one of {', '.join(MLP_LAYERS)}")
+        # The name comes in ``model_kwargs`` (the caller's, or a vitlens checkpoint's own merged with them).
+        raise ParameterError("model_kwargs", f"model_kwargs: mlp_layer '{name}' is not one of {', '.join(MLP_LAYERS)}")
     return table[name]
 
 

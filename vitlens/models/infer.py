@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from vitlens.errors import UsageError, VitlensError
+from vitlens.errors import ParameterError, VitlensError
 from vitlens.models.convert import INFERRED_ARCH, INFERRED_DISTILLED_ARCH, mlp_ratio_for
 
 if TYPE_CHECKING:
@@ -57,12 +57,12 @@ def heads_for_width(embed_dim: int, num_heads: int | None, family: str | None = 
         family: a family hint (``"dinov2"``, ``"siglip"``) that settles a width whose families disagree.
 
     Raises:
-        UsageError: ``num_heads`` does not divide the width.
+        ParameterError: ``num_heads`` does not divide the width.
         VitlensError: the width is not in the table, or its released families disagree and no family settles it.
     """
     if num_heads is not None:
         if num_heads < 1 or embed_dim % num_heads:
-            raise UsageError(f"--num-heads {num_heads} does not divide the embedding width {embed_dim}")
+            raise ParameterError("num_heads", f"num_heads {num_heads} does not divide the embedding width {embed_dim}")
         return num_heads, None
     rows = HEAD_TABLE.get(embed_dim, ())
     if family is not None and len(rows) > 1:
@@ -187,7 +187,7 @@ def infer_from_state_dict(
 def _grid_from_img_size(img_size: tuple[int, int], patch: tuple[int, int]) -> tuple[int, int]:
     h, w = img_size
     if h % patch[0] or w % patch[1]:
-        raise UsageError(f"--img-size {h},{w} is not divisible by the patch size {patch[0]}x{patch[1]}")
+        raise ParameterError("img_size", f"img_size {h},{w} is not divisible by the patch size {patch[0]}x{patch[1]}")
     return (h // patch[0], w // patch[1])
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from vitlens.device import resolve_device
-from vitlens.errors import UsageError, VitlensError
+from vitlens.errors import ParameterError, VitlensError
 from vitlens.layout import Preprocess
 from vitlens.log import logger
 from vitlens.models.checkpoint import CHECKPOINT_SUFFIXES, RawCheckpoint, read_checkpoint
@@ -60,11 +60,11 @@ def parse_img_size(value: str | int | tuple[int, int] | None) -> tuple[int, int]
         try:
             sizes = [int(p) for p in parts if p.strip()]
         except ValueError:
-            raise UsageError(f"--img-size '{value}' is not an integer or H,W")
+            raise ParameterError("img_size", f"img_size '{value}' is not an integer or H,W") from None
     if len(sizes) == 1:
         sizes = sizes * 2
     if len(sizes) != 2 or min(sizes) < 1:
-        raise UsageError(f"--img-size '{value}' must be one positive integer or H,W")
+        raise ParameterError("img_size", f"img_size '{value}' must be one positive integer or H,W")
     return (int(sizes[0]), int(sizes[1]))
 
 
@@ -116,7 +116,11 @@ def load_vit(
         interpolation: resize filter (``bilinear``, ``bicubic``, ``nearest``, ``lanczos``, ``box``, ``hamming``).
 
     Raises:
-        VitlensError: for every problem a user can cause, with a one-line message.
+        ParameterError: an option out of range or of the wrong kind, named by its ``param`` (``img_size`` not a
+            size or not a multiple of the patch, ``num_heads`` that does not divide the width, ``mean``/``std``/
+            ``crop_pct``/``interpolation``, ``checkpoint_key`` with a timm name, an unknown ``mlp_layer`` in
+            ``model_kwargs``).
+        VitlensError: every other problem a user can cause, with a one-line message.
     """
     torch_device = resolve_device(device)
     size = parse_img_size(img_size)
@@ -144,7 +148,7 @@ def load_vit(
         vit = _load_file(Path(spec_str).expanduser(), arch, num_heads, model_kwargs, size, checkpoint_key)
     else:
         if checkpoint_key is not None:
-            raise UsageError("--checkpoint-key applies to checkpoint files, not to timm names")
+            raise ParameterError("checkpoint_key", "checkpoint_key applies to checkpoint files, not to timm names")
         vit = _load_timm_name(spec_str, model_kwargs, pretrained)
     if size is not None and tuple(size) != vit.layout.img_size:
         _set_input_size(vit, size)
@@ -166,7 +170,7 @@ def preprocess_overrides(
     """The user's preprocessing overrides, validated (values per channel are fitted to the model later).
 
     Raises:
-        UsageError: a value that is not a number list, a non-positive std or crop, or an unknown filter.
+        ParameterError: a value that is not a number list, a non-positive std or crop, or an unknown filter.
     """
     out: dict[str, Any] = {}
     for name, value in (("mean", mean), ("std", std)):
@@ -176,24 +180,26 @@ def preprocess_overrides(
             try:
                 values = tuple(float(v) for v in value.replace(" ", "").split(",") if v)
             except ValueError:
-                raise UsageError(f"--{name} '{value}' is not a comma-separated list of numbers")
+                raise ParameterError(name, f"{name} '{value}' is not a comma-separated list of numbers") from None
         elif isinstance(value, int | float):
             values = (float(value),)
         else:
             values = tuple(float(v) for v in value)
         if not values or len(values) > 3 or any(v != v for v in values):
-            raise UsageError(f"--{name} must be one number or one per channel, not {value!r}")
+            raise ParameterError(name, f"{name} must be one number or one per channel, not {value!r}")
         if name == "std" and min(values) <= 0:
-            raise UsageError(f"--std must be positive, not {value!r}")
+            raise ParameterError("std", f"std must be positive, not {value!r}")
         out[name] = values
     if crop_pct is not None:
         if not 0 < float(crop_pct) <= 2:
-            raise UsageError(f"--crop-pct must be in (0, 2], not {crop_pct}")
+            raise ParameterError("crop_pct", f"crop_pct must be in (0, 2], not {crop_pct}")
         out["crop_pct"] = float(crop_pct)
     if interpolation is not None:
         value = interpolation.strip().lower()
         if value not in INTERPOLATIONS:
-            raise UsageError(f"--interpolation must be one of {', '.join(INTERPOLATIONS)}, not {interpolation!r}")
+            raise ParameterError(
+                "interpolation", f"interpolation must be one of {', '.join(INTERPOLATIONS)}, not {interpolation!r}"
+            )
         out["interpolation"] = value
     return out
 
@@ -211,7 +217,7 @@ def _apply_overrides(vit: ViT, overrides: dict[str, Any]) -> None:
             if len(values) == 1:
                 values = values * vit.in_chans
             if len(values) != vit.in_chans:
-                raise UsageError(f"--{name} has {len(values)} values; this model takes {vit.in_chans} channels")
+                raise ParameterError(name, f"{name} has {len(values)} values; this model takes {vit.in_chans} channels")
             fields[name] = values
     vit.preprocess = replace(vit.preprocess, **fields)
     key = _preprocess_guess_key(vit.guessed)
@@ -607,7 +613,9 @@ def _set_input_size(vit: ViT, size: tuple[int, int]) -> None:
 
     patch = vit.layout.patch_size
     if size[0] % patch[0] or size[1] % patch[1]:
-        raise UsageError(f"--img-size {size[0]},{size[1]} is not divisible by the patch size {patch[0]}x{patch[1]}")
+        raise ParameterError(
+            "img_size", f"img_size {size[0]},{size[1]} is not divisible by the patch size {patch[0]}x{patch[1]}"
+        )
     vit.model.set_input_size(img_size=size)
     vit.refresh_layout()
     vit.preprocess = replace(vit.preprocess, img_size=size)

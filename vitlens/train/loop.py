@@ -1,0 +1,355 @@
+"""The training loop: builds a run, steps it epoch by epoch, stops cleanly on Ctrl-C, and writes the checkpoints."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vitlens import __version__
+from vitlens.errors import Interrupted, VitlensError
+from vitlens.history import EpochStats
+from vitlens.io import ensure_out_dir
+from vitlens.train.config import NO_FLIP_DATA, TrainConfig, _validate
+from vitlens.train.files import FINAL_FILE, _read_resume, _save_resume, _write_curves, _write_metrics
+from vitlens.train.inputs import _augment, _load_split, _probe_classes, _Tensors
+from vitlens.train.model import _finetune_model, _scratch_model
+from vitlens.train.schedule import _step_seed, lr_at
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    checkpoint: Path
+    history: list[EpochStats]
+    test_acc: float
+    seconds: float
+    num_train: int
+    num_test: int
+
+
+@dataclass
+class TrainCallbacks:
+    """Progress hooks for the CLI; the library itself prints nothing."""
+
+    on_start: Callable[[int, int, int, int], None] | None = None  # (epochs, steps_per_epoch, start_epoch, batch)
+    on_step: Callable[[int, int, float], None] | None = None  # (epoch, step, loss)
+    on_epoch: Callable[[EpochStats], None] | None = None
+
+
+@dataclass
+class _Run:
+    """What every step of one run shares: the model and its optimiser, the data in memory, the schedule."""
+
+    config: TrainConfig
+    out: Path
+    device: torch.device
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None  # fp16 loss scaling; None in bf16 and full precision
+    autocast_dtype: torch.dtype | None  # None: full precision
+    train_set: _Tensors
+    test_set: _Tensors
+    flip: bool  # mirror images in augmentation (not for digits and text)
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    meta_base: dict[str, Any]  # checkpoint metadata shared by every checkpoint of the run
+
+    def lr(self, steps_done: int) -> float:
+        """The learning rate after ``steps_done`` optimiser steps."""
+        c = self.config
+        return lr_at(steps_done, total_steps=self.total_steps, warmup_steps=self.warmup_steps, lr=c.lr, min_lr=c.min_lr)
+
+
+# ---------------------------------------------------------------------------------------------- interrupts
+@contextmanager
+def _stop_on_sigint() -> Iterator[dict[str, bool]]:
+    """Turn the first Ctrl-C into a request to stop after the current step; a second one stops at once."""
+    flag = {"stop": False}
+    try:
+        previous = signal.getsignal(signal.SIGINT)
+    except ValueError:  # not the main thread: leave signals alone
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["stop"]:
+            raise KeyboardInterrupt
+        flag["stop"] = True
+
+    try:
+        signal.signal(signal.SIGINT, handler)
+    except ValueError:
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# --------------------------------------------------------------------------------------------------- train
+def train(
+    config: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    callbacks: TrainCallbacks | None = None,
+    stop_after_steps: int | None = None,
+) -> TrainResult:
+    """Train (or fine-tune) a ViT and write ``model.safetensors``, ``metrics.csv`` and ``curves.png`` to ``out``.
+
+    Args:
+        config: the run's settings (ignored with ``resume``, except ``epochs`` which may extend the run).
+        out: output directory; also where ``resume.pt`` lives.
+        resume: continue the run saved in ``out/resume.pt``.
+        callbacks: progress hooks.
+        stop_after_steps: behave as if Ctrl-C came after this many optimiser steps (for tests).
+
+    Raises:
+        Interrupted: Ctrl-C; a resumable ``resume.pt`` was written first.
+        VitlensError: bad data (no labels, one class), an architecture that is not a ViT, an unwritable ``out``.
+    """
+    from vitlens.models.checkpoint import save_checkpoint
+
+    callbacks = callbacks or TrainCallbacks()
+    out = ensure_out_dir(out)
+    config, state = _resumed_config(config, out) if resume else (config, None)
+    _validate(config)
+    run = _build_run(config, out)
+    start_epoch, start_step, history = _restore(run, state)
+    if callbacks.on_start:
+        callbacks.on_start(config.epochs, run.steps_per_epoch, start_epoch, config.batch_size)
+
+    steps_done = start_epoch * run.steps_per_epoch + start_step
+    started = time.perf_counter()
+    with _stop_on_sigint() as sig:
+
+        def stop(steps_done: int) -> bool:
+            return sig["stop"] or (stop_after_steps is not None and steps_done >= stop_after_steps)
+
+        for epoch in range(start_epoch, config.epochs):
+            first = start_step if epoch == start_epoch else 0
+            stats, steps_done = _run_epoch(run, epoch, first, steps_done, history, stop=stop, on_step=callbacks.on_step)
+            history.append(stats)
+            _end_epoch(run, epoch, history)
+            if callbacks.on_epoch:
+                callbacks.on_epoch(stats)
+    final_meta = {**run.meta_base, "epoch": len(history), "test_acc": history[-1].test_acc if history else None}
+    checkpoint = save_checkpoint(out / FINAL_FILE, run.model.state_dict(), final_meta)
+    _write_curves(out, history)
+    return TrainResult(
+        checkpoint=checkpoint,
+        history=history,
+        test_acc=history[-1].test_acc if history else float("nan"),
+        seconds=time.perf_counter() - started,
+        num_train=len(run.train_set.labels),
+        num_test=len(run.test_set.labels),
+    )
+
+
+def _resumed_config(config: TrainConfig, out: Path) -> tuple[TrainConfig, dict[str, Any]]:
+    """The saved run's config (``epochs`` may only grow, to extend the run) and its resume state."""
+    state = _read_resume(out)
+    saved = TrainConfig.from_json(json.loads(state["config"]))
+    config = replace(saved, epochs=max(config.epochs, saved.epochs) if config.epochs else saved.epochs)
+    return config, state
+
+
+def _build_run(config: TrainConfig, out: Path) -> _Run:
+    """Model, data, optimiser and schedule, built in a fixed order: the seeded model init must not move."""
+    import torch
+
+    from vitlens.device import resolve_device
+
+    device = resolve_device(config.device)
+
+    # Labels first (cheap) so that one-class data fails before any model is built.
+    torch.manual_seed(config.seed)
+    probe = _probe_classes(config)
+    built = _finetune_model(config, len(probe)) if config.init_from else _scratch_model(config, len(probe))
+    model = built.model.to(device)
+    train_set = _load_split(config, built.preprocess, "train", device)
+    test_set = _load_split(config, built.preprocess, "test", device)
+    flip = config.data.split(":")[0].lower() not in NO_FLIP_DATA
+
+    from timm.optim import param_groups_weight_decay
+
+    groups = param_groups_weight_decay(model, config.weight_decay, no_weight_decay_list=model.no_weight_decay())
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999))
+    n = len(train_set.labels)
+    steps_per_epoch = max(1, n // config.batch_size)  # drop the last partial batch: steady batch statistics
+    autocast_dtype = _autocast_dtype(device)
+    meta_base = {
+        "arch": built.arch,
+        "model_kwargs": built.kwargs,
+        "preprocess": built.preprocess.as_dict(),
+        "class_names": train_set.classes,
+        "num_classes": len(train_set.classes),
+        "vitlens_version": __version__,
+        "data": config.data,
+        "train_config": config.to_json(),
+        "init_from": built.source,
+    }
+    return _Run(
+        config=config,
+        out=out,
+        device=device,
+        model=model,
+        optimizer=optimizer,
+        scaler=torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None,
+        autocast_dtype=autocast_dtype,
+        train_set=train_set,
+        test_set=test_set,
+        flip=flip,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=steps_per_epoch * config.epochs,
+        warmup_steps=int(config.warmup_epochs * steps_per_epoch),
+        meta_base=meta_base,
+    )
+
+
+def _restore(run: _Run, state: dict[str, Any] | None) -> tuple[int, int, list[EpochStats]]:
+    """Load a resume state into the run; the (epoch, step) to continue from and the history so far."""
+    if state is None:
+        return 0, 0, []
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    if run.scaler is not None and "scaler" in state:
+        run.scaler.load_state_dict(state["scaler"])
+    start_epoch, start_step = int(state["epoch"]), int(state["step"])
+    history = [EpochStats(**h) for h in json.loads(state["history"])]
+    if start_epoch >= run.config.epochs:
+        raise VitlensError(f"the run in {run.out} already finished {start_epoch} epochs; raise --epochs to extend it")
+    return start_epoch, start_step, history
+
+
+def _run_epoch(
+    run: _Run,
+    epoch: int,
+    first: int,
+    steps_done: int,
+    history: list[EpochStats],
+    *,
+    stop: Callable[[int], bool],
+    on_step: Callable[[int, int, float], None] | None,
+) -> tuple[EpochStats, int]:
+    """Steps ``first`` to the end of ``epoch``, then the held-out accuracy; the epoch's stats and the steps done.
+
+    Raises:
+        Interrupted: ``stop`` said so before a step; ``resume.pt`` then points at that step.
+    """
+    import torch
+
+    config = run.config
+    run.model.train()
+    epoch_started = time.perf_counter()
+    n = len(run.train_set.labels)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(_step_seed(config.seed, epoch, -1)))
+    loss_sum, correct, seen = 0.0, 0, 0
+    for step in range(first, run.steps_per_epoch):
+        if stop(steps_done):
+            _save_resume(run.out, run.model, run.optimizer, run.scaler, config, epoch, step, history)
+            raise Interrupted(
+                f"interrupted at epoch {epoch + 1} step {step}; resume with: vitlens train --resume {run.out}"
+            )
+        loss, logits, y = _train_step(run, epoch, step, order, steps_done)
+        steps_done += 1
+        loss_sum += loss.item() * len(y)
+        correct += int((logits.argmax(-1) == y).sum())
+        seen += len(y)
+        if on_step:
+            on_step(epoch, step, loss.item())
+    test_acc = evaluate(run.model, run.test_set.images, run.test_set.labels, batch_size=256)
+    seconds = time.perf_counter() - epoch_started
+    stats = EpochStats(
+        epoch=epoch + 1,
+        train_loss=loss_sum / max(1, seen),
+        train_acc=correct / max(1, seen),
+        test_acc=test_acc,
+        lr=run.lr(steps_done),
+        seconds=seconds,
+        images_per_s=seen / max(seconds, 1e-9),
+    )
+    return stats, steps_done
+
+
+def _train_step(
+    run: _Run, epoch: int, step: int, order: torch.Tensor, steps_done: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimiser step on batch ``step`` of ``order``; returns the loss, the logits and the labels.
+
+    Every random draw of the step (crop, flip, erasing, dropout, drop-path) comes from seeds of (seed, epoch, step),
+    which is what makes a resumed run give the same weights.
+    """
+    import torch
+
+    config = run.config
+    gen = torch.Generator().manual_seed(_step_seed(config.seed, epoch, step))
+    torch.manual_seed(_step_seed(config.seed, epoch, step))  # dropout / drop-path draws
+    idx = order[step * config.batch_size : (step + 1) * config.batch_size].to(run.device)
+    x = _augment(run.train_set.images[idx], mode=config.augment, flip=run.flip, gen=gen, translate=config.translate)
+    y = run.train_set.labels[idx]
+    lr = run.lr(steps_done)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast(run.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
+        logits = run.model(x)
+        loss = torch.nn.functional.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+    if not torch.isfinite(loss):
+        raise VitlensError(f"training diverged (loss {loss.item()}) at epoch {epoch + 1}; lower --lr")
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.scaler is not None:
+        run.scaler.scale(loss).backward()
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    else:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
+        run.optimizer.step()
+    return loss, logits, y
+
+
+def _end_epoch(run: _Run, epoch: int, history: list[EpochStats]) -> None:
+    """After an epoch: metrics, the periodic checkpoint (``save_every``), and the resume point at the next epoch."""
+    from vitlens.models.checkpoint import save_checkpoint
+
+    config, out = run.config, run.out
+    _write_metrics(out, history)
+    meta = {**run.meta_base, "epoch": epoch + 1, "test_acc": history[-1].test_acc}
+    if config.save_every and (epoch + 1) % config.save_every == 0 and epoch + 1 < config.epochs:
+        (out / "checkpoints").mkdir(exist_ok=True)
+        save_checkpoint(out / "checkpoints" / f"epoch_{epoch + 1:03d}.safetensors", run.model.state_dict(), meta)
+    _save_resume(out, run.model, run.optimizer, run.scaler, config, epoch + 1, 0, history)
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 256) -> float:
+    """Top-1 accuracy of ``model`` on preprocessed ``images`` (eval mode, no augmentation)."""
+    import torch
+
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for i in range(0, len(labels), batch_size):
+            correct += int((model(images[i : i + batch_size]).argmax(-1) == labels[i : i + batch_size]).sum())
+    return correct / max(1, len(labels))
+
+
+def _autocast_dtype(device: torch.device):
+    """bf16 where the GPU supports it, else fp16 with loss scaling; full precision on CPU / MPS."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
