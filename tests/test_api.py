@@ -78,3 +78,22 @@ def test_register_refuses_a_dataclass_that_replaced_eq_or_repr():
 
     with pytest.raises(RuntimeError, match="repr=False, eq=False"):
         register(Definition("bad", "bad", "", Bad, lambda: Bad(), lambda run: Bad(), False, 99, "x:y"))
+
+
+def test_every_payload_names_the_prefix_tokens(demo, tmp_path):
+    with pytest.raises(ParameterError, match="too few images per class") as info:
+        vitlens.fewshot(demo, vitlens.open_dataset("digits", demo, num_images=20))  # 2 per class: none held out
+    assert info.value.param == "test_data"
+    data = vitlens.open_dataset("digits", demo, num_images=50)
+    results = [
+        vitlens.filters(demo),
+        vitlens.pos_sim(demo),
+        vitlens.attention_distance(demo, data),
+        vitlens.rollout(demo, data),
+        vitlens.fewshot(demo, data, shots=(1,), seeds=1, use_cache=False),
+    ]
+    assert {r.analysis for r in results} == {d.name for d in vitlens.analyses()}
+    for result in results:
+        assert result.to_dict()["prefix_tokens"] == list(demo.layout.prefix_kinds) == ["cls"], result.analysis
+        result.save(tmp_path / result.analysis)
+        assert vitlens.load_result(tmp_path / result.analysis) == result

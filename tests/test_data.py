@@ -446,3 +446,12 @@ def test_shared_cifar10_small():
     batch = collect(open_dataset(str(root), pre, num_images=20), batch_size=20)[0]
     assert batch.images.shape == (20, 3, 32, 32)
     assert sorted(Counter(batch.labels.tolist()).values()) == [2] * 10
+
+
+def test_an_empty_subset_iterates_to_nothing():
+    ds = open_dataset("digits", identity(1, (8, 8)), num_images=10)
+    empty = ds.subset([], tag="none")
+    assert len(empty) == 0 and empty.spec.endswith("#none")
+    assert list(iterate_batches(empty, batch_size=4)) == []  # not an error about unreadable images
+    picked = ds.subset([3, 1], tag="two")
+    assert picked.names == [ds.names[3], ds.names[1]] and list(picked.labels) == [ds.labels[3], ds.labels[1]]

@@ -199,7 +199,7 @@ def _batches(dataset: ImageDataset, batch_size: int, num_workers: int, device: t
         skipped.extend(i for i in asked if i not in got)
         if batch is not None:
             yield batch.to(device)
-    if len(skipped) == n:
+    if n and len(skipped) == n:
         raise VitlensError(
             f"none of the {n} images of {dataset.spec} could be read (e.g. {dataset.names[skipped[0]]}); "
             "check that they are image files PIL can open"

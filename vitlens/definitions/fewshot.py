@@ -54,6 +54,7 @@ class FewShotProbeResult(Result):
     classes: tuple[str, ...]
     depth: int
     cache: Mapping[str, str]
+    prefix_tokens: tuple[str, ...] = ()  # the prefix token kinds in sequence order (cls, dist, reg)
     solve_seconds: InitVar[float | None] = None
 
     analysis = "fewshot"
@@ -78,6 +79,7 @@ class FewShotProbeResult(Result):
             "classes": list(self.classes),
             "depth": self.depth,
             "cache": dict(self.cache),
+            "prefix_tokens": list(self.prefix_tokens),
         }
 
     def _shown_layer(self) -> int:
@@ -168,7 +170,8 @@ class FewShotProbeResult(Result):
             feature=DEPRECATED_FEATURES.get(payload["feature"], payload["feature"]),  # files written before a rename
         )
         facts = (bool(payload["allow_fewer"]), payload["source"], payload["data"], payload["test_data"])
-        return cls(probe, *facts, tuple(payload["classes"]), int(payload["depth"]), dict(payload["cache"]))
+        rest = (tuple(payload["classes"]), int(payload["depth"]), dict(payload["cache"]))
+        return cls(probe, *facts, *rest, tuple(payload.get("prefix_tokens", ())))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -328,6 +331,12 @@ def _pool_and_test(
 
         labelled = _labelled(data)
         is_test = _holdout_is_test(labelled.labels)  # [N] bool
+        if not is_test.any():
+            raise ParameterError(
+                "test_data",
+                f"test_data is needed: {labelled.spec} has too few images per class ({len(labelled)} in all) to hold "
+                "out a fifth of each class for scoring; pass the images to score, or a larger dataset",
+            )
         return labelled.subset(np.flatnonzero(~is_test), tag="train"), labelled.subset(
             np.flatnonzero(is_test), tag="test"
         )
@@ -471,7 +480,7 @@ def fewshot(
     )
     solve_seconds = time.perf_counter() - started
     facts = (bool(allow_fewer), vit.source, pool.spec, test.spec, tuple(classes), vit.depth, cache)
-    return FewShotProbeResult(probe, *facts, solve_seconds=solve_seconds)
+    return FewShotProbeResult(probe, *facts, tuple(vit.layout.prefix_kinds), solve_seconds=solve_seconds)
 
 
 def _section(run: Any) -> FewShotProbeResult:

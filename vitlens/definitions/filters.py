@@ -35,6 +35,7 @@ class FiltersResult(Result):
     arch: str
     embed_dim: int
     available_components: int
+    prefix_tokens: tuple[str, ...] = ()  # the prefix token kinds in sequence order (cls, dist, reg)
 
     analysis = "filters"
     stem = "filters"
@@ -53,6 +54,7 @@ class FiltersResult(Result):
             "components_shape": list(self.pca.components.shape),
             "explained_variance_ratio": [float(r) for r in ratio],
             "cumulative_explained_variance": float(ratio.sum()),
+            "prefix_tokens": list(self.prefix_tokens),
         }
 
     def summary(self) -> str:
@@ -107,7 +109,7 @@ class FiltersResult(Result):
                 mean_filter=npz["mean_filter"],
             )
         facts = (int(payload["embed_dim"]), int(payload["available_components"]))
-        return cls(pca, payload["source"], payload["arch"], *facts)
+        return cls(pca, payload["source"], payload["arch"], *facts, tuple(payload.get("prefix_tokens", ())))
 
 
 def filters(vit: ViT, *, num_components: int | None = None) -> FiltersResult:
@@ -147,7 +149,7 @@ def filters(vit: ViT, *, num_components: int | None = None) -> FiltersResult:
         )
         num_components = available
     pca = filter_pca(weight, num_components=num_components)
-    return FiltersResult(pca, vit.source, vit.arch, int(d), int(available))
+    return FiltersResult(pca, vit.source, vit.arch, int(d), int(available), tuple(vit.layout.prefix_kinds))
 
 
 def _section(run: Any) -> FiltersResult:

@@ -36,6 +36,7 @@ class PosSimResult(Result):
     arch: str
     img_size: tuple[int, int]
     patch_size: tuple[int, int]
+    prefix_tokens: tuple[str, ...] = ()  # the prefix token kinds in sequence order (cls, dist, reg)
 
     analysis = "pos-sim"
     stem = "pos_sim"
@@ -57,6 +58,7 @@ class PosSimResult(Result):
             "row_col_score": None if sim.row_col_score is None else json_array(sim.row_col_score),
             "neighbour_minus_far": None if sim.neighbour_minus_far is None else json_array(sim.neighbour_minus_far),
             "similarity_file": f"{self.stem}.npz",
+            "prefix_tokens": list(self.prefix_tokens),
         }
 
     def summary(self) -> str:
@@ -115,7 +117,8 @@ class PosSimResult(Result):
                 neighbour_minus_far=_float_or_none(payload["neighbour_minus_far"]),
                 grid_size=_pair(npz["grid_size"]),
             )
-        return cls(sim, payload["source"], payload["arch"], _pair(payload["img_size"]), _pair(payload["patch_size"]))
+        facts = (payload["source"], payload["arch"], _pair(payload["img_size"]), _pair(payload["patch_size"]))
+        return cls(sim, *facts, tuple(payload.get("prefix_tokens", ())))
 
 
 def json_array(values: Any) -> Any:
@@ -163,7 +166,8 @@ def pos_sim(vit: ViT) -> PosSimResult:
         raise VitlensError("the position embedding has NaN/inf values: its similarities are undefined")
     sim = position_similarity(pos_embed, vit.layout)
     layout = vit.layout
-    return PosSimResult(sim, vit.source, vit.arch, _pair(layout.img_size), _pair(layout.patch_size))
+    facts = (vit.source, vit.arch, _pair(layout.img_size), _pair(layout.patch_size))
+    return PosSimResult(sim, *facts, tuple(layout.prefix_kinds))
 
 
 def _section(run: Any) -> PosSimResult:

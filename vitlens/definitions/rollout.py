@@ -79,6 +79,7 @@ class RolloutResult(Result):
     patch_size: tuple[int, int]
     heads: np.ndarray | None = None
     heads_layer: int | None = None
+    prefix_tokens: tuple[str, ...] = ()  # the prefix token kinds in sequence order (cls, dist, reg)
     photos: InitVar[Sequence[Image.Image] | None] = None
 
     analysis = "rollout"
@@ -103,6 +104,7 @@ class RolloutResult(Result):
         if self.heads is not None:
             payload["heads_layer"] = self.heads_layer
             payload["heads"] = self.heads.tolist()
+        payload["prefix_tokens"] = list(self.prefix_tokens)
         return payload
 
     def summary(self) -> str:
@@ -236,6 +238,7 @@ class RolloutResult(Result):
             tuple(int(p) for p in payload["patch_size"]),  # type: ignore[arg-type]
             heads,
             None if heads is None else int(payload["heads_layer"]),
+            tuple(payload.get("prefix_tokens", ())),
         )
 
 
@@ -396,6 +399,7 @@ def rollout(
         tuple(int(p) for p in vit.layout.patch_size),  # type: ignore[arg-type]
         heads,
         heads_layer,
+        tuple(vit.layout.prefix_kinds),
         photos,
     )
 
