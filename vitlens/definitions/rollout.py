@@ -139,14 +139,10 @@ class RolloutResult(Result):
         n = len(self.images)
         if isinstance(index, bool) or not isinstance(index, int) or not -n <= index < n:
             raise ParameterError("index", f"index must be an image's position, 0..{n - 1}, not {index!r}")
-        title = self._titles()[index]
-        if self.photos is None:
-            from vitlens.plotting.rollout import plot_rollout_map
-
-            return plot_rollout_map(self.rollout.maps[index], ax=ax, title=title)
         from vitlens.plotting.rollout import plot_rollout
 
-        return plot_rollout(self.photos[index], self.rollout.maps[index], ax=ax, title=title)
+        photo = None if self.photos is None else self.photos[index]
+        return plot_rollout(photo, self.rollout.maps[index], ax=ax, title=self._titles()[index])
 
     def figure(self) -> Figure:
         """The figure the CLI saves as ``rollout.<fmt>`` (every image, photo above overlay), or for one image its

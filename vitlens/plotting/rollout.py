@@ -60,17 +60,18 @@ def plot_photo(image: Image.Image, *, ax: Axes | None = None, title: str | None 
 
 
 def plot_rollout(
-    image: Image.Image,
+    image: Image.Image | None,
     attention_map: np.ndarray,
     *,
     ax: Axes | None = None,
     title: str | None = None,
     vmax: float | None = 1.0,
 ) -> Axes:
-    """Draw ``attention_map`` ``[H, W]`` upsampled (bilinear) to the photo, as a heat map over the photo in grey.
+    """Draw ``attention_map`` ``[H, W]`` upsampled (bilinear) to the photo, as a heat map over the photo in grey; or,
+    without a photo (a result read back from its files), the map alone, one square per patch.
 
     Args:
-        image: the photo aligned with the model input (``ImageDataset.load_pil``).
+        image: the photo aligned with the model input (``ImageDataset.load_pil``), or None.
         attention_map: patch-resolution map, e.g. a rollout map scaled to max 1.
         ax: where to draw; a new figure's axes when None.
         title: axes title.
@@ -82,37 +83,16 @@ def plot_rollout(
     if ax is None:
         with vitlens_style():
             ax = new_figure(2.2, 2.2).add_subplot()
-    grey = np.asarray(image.convert("L"))  # [h, w]
-    heat = upsample_map(attention_map, grey.shape)  # [h, w]
-    ax.imshow(grey, cmap="gray", vmin=0, vmax=255, interpolation="antialiased")
-    top = float(heat.max()) if vmax is None else vmax
-    ax.imshow(heat, cmap=CMAP, vmin=0.0, vmax=top if top > 0 else 1.0, alpha=ALPHA)
-    _clean(ax)
-    if title:
-        ax.set_title(title)
-    return ax
-
-
-def plot_rollout_map(
-    attention_map: np.ndarray, *, ax: Axes | None = None, title: str | None = None, vmax: float | None = 1.0
-) -> Axes:
-    """Draw ``attention_map`` ``[H, W]`` alone, one square per patch (for maps whose photo is not at hand).
-
-    Args:
-        attention_map: patch-resolution map, e.g. a rollout map scaled to max 1.
-        ax: where to draw; a new figure's axes when None.
-        title: axes title.
-        vmax: top of the colour scale; None for the map's own maximum.
-
-    Returns:
-        The axes drawn on; the heat map is ``ax.images[-1]`` (for a colour bar).
-    """
-    if ax is None:
-        with vitlens_style():
-            ax = new_figure(2.2, 2.2).add_subplot()
-    m = np.asarray(attention_map, dtype=np.float64)  # [H, W]
-    top = float(m.max()) if vmax is None else vmax
-    ax.imshow(m, cmap=CMAP, vmin=0.0, vmax=top if top > 0 else 1.0, interpolation="nearest")
+    if image is None:
+        heat = np.asarray(attention_map, dtype=np.float64)  # [H, W]
+        top = float(heat.max()) if vmax is None else vmax
+        ax.imshow(heat, cmap=CMAP, vmin=0.0, vmax=top if top > 0 else 1.0, interpolation="nearest")
+    else:
+        grey = np.asarray(image.convert("L"))  # [h, w]
+        heat = upsample_map(attention_map, grey.shape)  # [h, w]
+        ax.imshow(grey, cmap="gray", vmin=0, vmax=255, interpolation="antialiased")
+        top = float(heat.max()) if vmax is None else vmax
+        ax.imshow(heat, cmap=CMAP, vmin=0.0, vmax=top if top > 0 else 1.0, alpha=ALPHA)
     _clean(ax)
     if title:
         ax.set_title(title)
@@ -192,7 +172,7 @@ def rollout_map_grid_figure(maps: np.ndarray, names: Sequence[str], *, max_colum
             if k >= n:
                 ax.set_axis_off()
                 continue
-            plot_rollout_map(maps[k], ax=ax)
+            plot_rollout(None, maps[k], ax=ax)
             ax.set_title(_short(names[k], 16), fontsize=7)
         if title:
             fig.suptitle(title, fontsize=9)
