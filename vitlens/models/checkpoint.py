@@ -81,6 +81,7 @@ class RawCheckpoint:
     configs: dict[str, dict[str, Any]] = field(default_factory=dict)  # config file name -> parsed JSON
     torchscript: bool = False  # read from a TorchScript archive (OpenAI CLIP releases), as data
     choice: str | None = None  # which of several models in the file was taken, with how to pick another
+    key_taken: bool = False  # --checkpoint-key named an entry of the file's container (not a key prefix)
     # Plain facts a training container holds beside the weights: timm train.py's 'arch' (its model name) and
     # 'args' (argparse.Namespace or dict of the run's arguments, e.g. mean/std/img_size).
     container: dict[str, Any] = field(default_factory=dict)
@@ -133,6 +134,23 @@ def read_checkpoint(path: str | os.PathLike, *, checkpoint_key: str | None = Non
 
 
 def _read_file(path: Path, checkpoint_key: str | None) -> RawCheckpoint:
+    """One weights file: its tensors with wrapper prefixes stripped, and the model ``checkpoint_key`` names."""
+    raw = _read_tensors(path, checkpoint_key)
+    return _finish(raw, path, checkpoint_key)
+
+
+def _finish(raw: RawCheckpoint, path: Path, checkpoint_key: str | None) -> RawCheckpoint:
+    """Strip wrapper prefixes (``module.``, ...) and keep the model ``checkpoint_key`` names as a key prefix."""
+    if raw.kind == "npz" or raw.metadata is not None:
+        return raw
+    raw.state_dict = _normalise_state_dict(raw.state_dict, raw.notes)
+    if checkpoint_key is not None and not raw.key_taken:
+        raw.state_dict = _select_prefix(raw.state_dict, checkpoint_key, path, raw.notes)
+    return raw
+
+
+def _read_tensors(path: Path, checkpoint_key: str | None) -> RawCheckpoint:
+    """A weights file's tensors as stored (containers unwrapped, prefixes kept), or its vitlens metadata."""
     kind = checkpoint_kind(path)
     if kind is None:
         raise VitlensError(
@@ -143,14 +161,10 @@ def _read_file(path: Path, checkpoint_key: str | None) -> RawCheckpoint:
     if path.stat().st_size == 0:
         raise VitlensError(f"{path} is empty (0 bytes); the file is not a checkpoint")
     if kind == "safetensors":
-        raw = _read_safetensors(path)
-    elif kind == "npz":
+        return _read_safetensors(path)
+    if kind == "npz":
         return _read_npz(path)
-    else:
-        raw = _read_torch(path, checkpoint_key)
-    if checkpoint_key is not None and raw.metadata is None:
-        raw.state_dict = _select_prefix(raw.state_dict, checkpoint_key, path, raw.notes)
-    return raw
+    return _read_torch(path, checkpoint_key)
 
 
 def _read_folder(folder: Path, checkpoint_key: str | None) -> RawCheckpoint:
@@ -198,7 +212,7 @@ def _read_sharded(index: Path, checkpoint_key: str | None) -> RawCheckpoint:
         shard_path = index.parent / shard
         if Path(shard).name != shard or not shard_path.is_file():
             raise VitlensError(f"{index.name} lists the shard {shard!r}, which is not a file beside it")
-        part = _read_file(shard_path, checkpoint_key)
+        part = _read_tensors(shard_path, checkpoint_key)
         kind = part.kind
         merged.update(part.state_dict)
     missing = [k for k in weight_map if k not in merged]
@@ -208,7 +222,7 @@ def _read_sharded(index: Path, checkpoint_key: str | None) -> RawCheckpoint:
         )
     raw = RawCheckpoint(index, kind, merged)
     raw.notes.append(f"merged {len(shards)} shards")
-    return raw
+    return _finish(raw, index, checkpoint_key)
 
 
 def _read_json(path: Path) -> Any:
@@ -234,8 +248,6 @@ def _read_configs(folder: Path) -> dict[str, dict[str, Any]]:
 
 def _select_prefix(sd: dict[str, torch.Tensor], key: str, path: Path, notes: list[str]) -> dict[str, torch.Tensor]:
     """``--checkpoint-key`` on a flat state dict: keep the tensors under ``key.`` (prefix stripped)."""
-    if any(note.startswith(f"weights taken from the '{key}' entry") for note in notes):
-        return sd
     prefix = key.rstrip(".") + "."
     inside = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     if not inside:
@@ -264,10 +276,7 @@ def _read_safetensors(path: Path) -> RawCheckpoint:
             metadata = json.loads(header[METADATA_KEY])
         except json.JSONDecodeError:
             raise VitlensError(f"{path.name}: its vitlens metadata is not valid JSON (file damaged?)")
-    raw = RawCheckpoint(path, "safetensors", state_dict, metadata)
-    if metadata is None:
-        raw.state_dict = _normalise_state_dict(state_dict, raw.notes)
-    return raw
+    return RawCheckpoint(path, "safetensors", state_dict, metadata)
 
 
 def _read_npz(path: Path) -> RawCheckpoint:
@@ -313,7 +322,7 @@ def _read_torch(path: Path, checkpoint_key: str | None = None) -> RawCheckpoint:
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, IndexError) as e:
         raise VitlensError(f"{path.name} is not a readable PyTorch checkpoint (truncated or corrupt): {_first_line(e)}")
     raw = RawCheckpoint(path, "torch")
-    raw.state_dict = _normalise_state_dict(_unwrap_container(obj, path, raw, checkpoint_key), raw.notes)
+    raw.state_dict = _unwrap_container(obj, path, raw, checkpoint_key)
     return raw
 
 
@@ -395,6 +404,7 @@ def _unwrap_container(obj: Any, path: Path, raw: RawCheckpoint, checkpoint_key: 
             if not isinstance(obj[checkpoint_key], dict):
                 raise VitlensError(f"--checkpoint-key {checkpoint_key}: that entry of {path.name} holds no weights")
             raw.notes.append(f"weights taken from the '{checkpoint_key}' entry (--checkpoint-key)")
+            raw.key_taken = True
             obj = obj[checkpoint_key]
             checkpoint_key = None
             continue
