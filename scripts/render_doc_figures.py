@@ -15,6 +15,7 @@ from vitlens.analysis import filter_pca, position_similarity
 from vitlens.analysis.fewshot import fewshot_lsr
 from vitlens.attention import mean_attention_distance_for, rollout_for
 from vitlens.data import open_dataset
+from vitlens.definitions.features_pca import features_pca
 from vitlens.features import extract_features
 from vitlens.models import load_vit
 from vitlens.plotting.attention_distance import attention_distance_figure
@@ -44,6 +45,7 @@ def main() -> None:
     rollout = rollout_for(vit, few)
     photos = [few.load_pil(i) for i in range(len(few))]
     figures["rollout"] = rollout_grid_figure(photos, rollout.maps, few.names, title="attention rollout (cls token)")
+    figures["features"] = features_pca(vit, few).figure()  # the command's figure: photos beside their PCA maps
 
     pool = open_dataset("digits", vit.preprocess, split="train")
     full_test = open_dataset("digits", vit.preprocess, split="test")

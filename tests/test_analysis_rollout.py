@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from vitlens.analysis import RolloutAccumulator, attention_rollout, cls_attention_per_head, rollout_layer_matrix
-from vitlens.errors import UsageError, VitlensError
+from vitlens.analysis.rollout import threshold_masks
+from vitlens.errors import ParameterError, VitlensError
 from vitlens.layout import TokenLayout
 
 # cls + 2 registers in front of a 3 x 4 patch grid.
@@ -141,9 +143,9 @@ def test_dist_token_and_no_prefix_layouts():
 
 @pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5])
 def test_discard_ratio_outside_range(ratio):
-    with pytest.raises(UsageError, match="discard_ratio"):
+    with pytest.raises(ParameterError, match="discard_ratio"):
         attention_rollout(random_layers(), LAYOUT, discard_ratio=ratio)
-    with pytest.raises(UsageError, match="discard_ratio"):
+    with pytest.raises(ParameterError, match="discard_ratio"):
         RolloutAccumulator(LAYOUT, discard_ratio=ratio)
 
 
@@ -153,17 +155,17 @@ def test_target_errors():
         attention_rollout(layers, LAYOUT, target="dist")
     with pytest.raises(VitlensError, match="no 'reg:2' token"):
         attention_rollout(layers, LAYOUT, target="reg:2")
-    with pytest.raises(UsageError, match="unknown target"):
+    with pytest.raises(ParameterError, match="target must be cls, dist"):
         attention_rollout(layers, LAYOUT, target="register")
 
 
 def test_option_and_order_errors():
     layers = random_layers()
-    with pytest.raises(UsageError, match="head_fusion"):
+    with pytest.raises(ParameterError, match="head_fusion"):
         attention_rollout(layers, LAYOUT, head_fusion="median")
-    with pytest.raises(UsageError, match="start_layer"):
+    with pytest.raises(ParameterError, match="start_layer"):
         attention_rollout(layers, LAYOUT, start_layer=4)
-    with pytest.raises(UsageError, match="start_layer"):
+    with pytest.raises(ParameterError, match="start_layer"):
         RolloutAccumulator(LAYOUT, start_layer=-1)
     acc = RolloutAccumulator(LAYOUT)
     acc.update(0, layers[0])
@@ -171,3 +173,74 @@ def test_option_and_order_errors():
         acc.update(2, layers[2])
     with pytest.raises(VitlensError, match="batch size"):
         acc.update(1, layers[1][:1])
+
+
+# ---------------------------------------------------------------------------------------------- threshold masks
+def dino_masks(weights: torch.Tensor, threshold: float) -> np.ndarray:
+    """DINO's visualize_attention.py rule written plainly: ascending sort, divide by the sum, keep where the
+    cumulative sum is > 1 - threshold, put back in patch order. ``weights`` [maps, HW] without ties."""
+    out = np.zeros(weights.shape, dtype=bool)
+    for m, row in enumerate(weights.double()):
+        values, order = torch.sort(row)
+        cum = torch.cumsum(values / values.sum(), dim=0)
+        for value, index in zip(cum.tolist(), order.tolist(), strict=True):
+            out[m, index] = value > 1 - threshold
+    return out
+
+
+def smallest_holding(row: np.ndarray, mass: float) -> int:
+    """Size of the smallest subset of ``row`` holding ``mass`` of its sum, by trying every subset."""
+    share = row / row.sum()
+    for size in range(1, len(row) + 1):
+        if any(share[list(c)].sum() >= mass for c in itertools.combinations(range(len(row)), size)):
+            return size
+    raise AssertionError("unreachable: the whole row holds all of it")
+
+
+@pytest.mark.parametrize(
+    ("row", "mass", "kept"),
+    [
+        ([0.5, 0.25, 0.125, 0.125], 0.5, [1, 0, 0, 0]),  # reached exactly by the first patch: it alone suffices
+        ([0.5, 0.25, 0.125, 0.125], 0.6, [1, 1, 0, 0]),
+        ([0.5, 0.25, 0.125, 0.125], 0.75, [1, 1, 0, 0]),
+        ([0.5, 0.25, 0.125, 0.125], 0.8, [1, 1, 1, 0]),  # tie of the last two: the lower patch index is kept
+        ([0.125, 0.125, 0.25, 0.5], 0.8, [1, 0, 1, 1]),
+        ([0.125, 0.125, 0.25, 0.5], 1.0, [1, 1, 1, 1]),
+        ([0.25, 0.25, 0.25, 0.25], 0.5, [1, 1, 0, 0]),  # all tied: the first two
+        ([0.0, 0.5, 0.0, 0.5], 1.0, [0, 1, 0, 1]),  # zero weight adds no mass, never kept
+        ([0.0, 0.25, 0.0, 0.25], 0.6, [0, 1, 0, 1]),  # half the row on prefix tokens: renormalised over patches
+        ([0.0, 0.0, 0.0, 0.0], 0.6, [0, 0, 0, 0]),  # no weight on patches: nothing to keep
+    ],
+)
+def test_threshold_masks_known_answers(row, mass, kept):
+    got = threshold_masks(np.asarray([row]), mass=mass, patch_axes=1)
+    np.testing.assert_array_equal(got, np.asarray([kept], dtype=bool))
+
+
+@pytest.mark.parametrize("mass", [0.1, 0.6, 0.9, 1.0])
+def test_threshold_masks_are_the_smallest_sets_holding_the_mass(mass):
+    g = torch.Generator().manual_seed(3)
+    attn = torch.rand(2, 3, 2, 3, generator=g) ** 3  # [B, heads, H, W] skewed weights, six patches per map
+    masks = threshold_masks(attn, mass=mass)
+    assert masks.shape == (2, 3, 2, 3) and masks.dtype == bool
+    rows, flat = attn.reshape(6, 6).double().numpy(), masks.reshape(6, 6)
+    np.testing.assert_array_equal(
+        threshold_masks(attn.reshape(2, 3, 6), mass=mass, patch_axes=1), masks.reshape(2, 3, 6)
+    )
+    np.testing.assert_array_equal(flat, dino_masks(attn.reshape(6, 6), mass))  # DINO's own rule agrees
+    for row, keep in zip(rows, flat, strict=True):
+        share = row / row.sum()
+        assert share[keep].sum() >= mass  # holds the mass ...
+        assert share[keep].sum() - share[keep].min() < mass  # ... and without its weakest patch it would not
+        assert share[keep].min() >= share[~keep].max(initial=0.0)  # the strongest patches
+        assert keep.sum() == smallest_holding(row, mass)  # no smaller subset of any patches holds it
+
+
+def test_threshold_masks_errors():
+    for mass in (0.0, -0.1, 1.5, True, "0.6"):
+        with pytest.raises(ParameterError, match=r"mass must be in \(0, 1\]"):
+            threshold_masks(np.ones((2, 2)), mass=mass)
+    with pytest.raises(ParameterError, match="non-negative"):
+        threshold_masks(-np.ones((2, 2)), mass=0.5)
+    with pytest.raises(ParameterError, match="patch_axes must be 1 or 2"):
+        threshold_masks(np.ones((2, 2)), mass=0.5, patch_axes=3)

@@ -16,7 +16,8 @@ from vitlens.result import Result, load_result
 
 def test_lists_its_analyses_and_names():
     # That `import vitlens` and the listing stay torch-free is checked in test_imports.py.
-    assert [d.name for d in vitlens.analyses()] == ["filters", "pos-sim", "attention-distance", "rollout", "fewshot"]
+    names = ["filters", "pos-sim", "attention-distance", "rollout", "features", "fewshot"]
+    assert [d.name for d in vitlens.analyses()] == names
     for name in vitlens.__all__:
         assert getattr(vitlens, name) is not None, name
     with pytest.raises(AttributeError):
@@ -90,6 +91,7 @@ def test_every_payload_names_the_prefix_tokens(demo, tmp_path):
         vitlens.pos_sim(demo),
         vitlens.attention_distance(demo, data),
         vitlens.rollout(demo, data),
+        vitlens.features_pca(demo, data),
         vitlens.fewshot(demo, data, shots=(1,), seeds=1, use_cache=False),
     ]
     assert {r.analysis for r in results} == {d.name for d in vitlens.analyses()}

@@ -10,15 +10,19 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from tests.conftest import assert_one_line_error
+from tests.conftest import assert_one_line_error, make_vit
 from vitlens.attention import head_attention_for, rollout_for
+from vitlens.capture import attention_capture
 from vitlens.cli.app import app
 from vitlens.data import open_dataset
 from vitlens.definitions.rollout import DEFINITION, RolloutResult, rollout, rollout_settings, unique_stems
 from vitlens.errors import ParameterError, VitlensError
+from vitlens.layout import Preprocess
+from vitlens.models.vit import ViT
 from vitlens.registry import get
 from vitlens.result import load_result
 
@@ -39,6 +43,25 @@ def result(demo, dataset):
 def per_head(demo, dataset):
     small = open_dataset("digits", demo.preprocess, split="test", num_images=3)
     return rollout(demo, small, head_fusion="max", discard_ratio=0.5, start_layer=1, per_head_layer=-1)
+
+
+@pytest.fixture(scope="module")
+def thresholded(demo):
+    small = open_dataset("digits", demo.preprocess, split="test", num_images=3)
+    return rollout(demo, small, per_head_layer=-1, threshold=0.6)
+
+
+def kept_by_hand(row: np.ndarray, mass: float) -> np.ndarray:
+    """The smallest set holding ``mass`` of ``row`` [HW]: strongest patches first (lower index on ties) until the
+    running share reaches ``mass``."""
+    keep = np.zeros(row.shape, dtype=bool)
+    share = row.astype(np.float64) / row.sum()
+    held = 0.0
+    for index in sorted(range(len(row)), key=lambda i: (-share[i], i)):
+        if held >= mass:
+            break
+        keep[index], held = True, held + share[index]
+    return keep
 
 
 @pytest.fixture
@@ -139,6 +162,57 @@ def test_per_head_maps_are_saved_and_read_back(per_head, tmp_path):
     assert back != dataclasses.replace(per_head, heads=None, heads_layer=None)
 
 
+def test_threshold_masks_hold_the_mass_and_are_saved_and_read_back(demo, per_head, thresholded, tmp_path):
+    heads, masks = thresholded.heads, thresholded.heads_masks  # [B, heads, H, W]
+    assert thresholded.threshold == 0.6 and masks.shape == heads.shape and masks.dtype == bool
+    np.testing.assert_array_equal(heads, per_head.heads)  # the per-head maps themselves do not change
+    rows, keep = heads.reshape(-1, heads[0, 0].size), masks.reshape(-1, heads[0, 0].size)
+    for row, kept in zip(rows, keep, strict=True):
+        np.testing.assert_array_equal(kept, kept_by_hand(row, 0.6))
+        assert row[kept].sum() >= 0.6 * row.sum() > row[kept].sum() - row[kept].min()
+    assert 0 < keep.sum() < keep.size  # neither empty nor everything: the masks are informative
+
+    files = thresholded.save(tmp_path)
+    layer = demo.depth - 1
+    assert {f.name for f in files} >= {f"rollout_heads_L{layer}.png", f"rollout_heads_L{layer}_masks.png"}
+    saved = json.loads((tmp_path / "rollout.json").read_text())
+    assert saved["threshold"] == 0.6 and saved["heads_masks"] == masks.tolist()
+    with np.load(tmp_path / "rollout.npz") as npz:
+        assert npz["heads_masks"].dtype == bool
+        np.testing.assert_array_equal(npz["heads_masks"], masks)
+    back = load_result(tmp_path)
+    assert back == thresholded and back.threshold == 0.6
+    assert back != dataclasses.replace(thresholded, heads_masks=~masks)
+
+    # Without a threshold nothing about the masks is written: the files stay those of --per-head alone.
+    per_head.save(tmp_path / "plain")
+    assert "threshold" not in json.loads((tmp_path / "plain" / "rollout.json").read_text())
+    with np.load(tmp_path / "plain" / "rollout.npz") as npz:
+        assert set(npz.files) == {"maps", "patch_mass", "images", "grid_size", "heads", "heads_layer"}
+    assert not list((tmp_path / "plain").glob("*_masks.*"))
+
+
+def test_registers_are_left_out_of_the_mass():
+    model = make_vit("reg")
+    vit = ViT(model, Preprocess(img_size=tuple(model.patch_embed.img_size)))
+    small = open_dataset("digits", vit.preprocess, split="test", num_images=3)
+    result = rollout(vit, small, per_head_layer=1, threshold=0.6)
+
+    images = torch.stack([small[i][0] for i in range(len(small))])  # [B, C, h, w]
+    kept: dict[int, torch.Tensor] = {}
+    with torch.no_grad(), attention_capture(vit, lambda i, a: kept.__setitem__(i, a.clone()), layers=[1]):
+        model(images)
+    cls_row = kept[1][:, :, 0].double().numpy()  # [B, heads, N]: class token (index 0) to every token
+    first_patch = model.num_prefix_tokens  # timm's own count: class token + 4 registers
+    assert first_patch == 5 and (cls_row[..., 1:first_patch].sum(-1) > 0.01).all()  # registers hold real mass
+    patches = cls_row[..., first_patch:].reshape(-1, 16)  # [B * heads, HW]
+    expected = np.stack([kept_by_hand(row, 0.6) for row in patches])
+    np.testing.assert_array_equal(result.heads_masks.reshape(-1, 16), expected)
+    # Counting the registers as patches (DINO's [:, 1:] on a model with registers) gives other masks.
+    with_registers = np.stack([kept_by_hand(row, 0.6)[first_patch - 1 :] for row in cls_row[..., 1:].reshape(-1, 20)])
+    assert (with_registers != expected).any()
+
+
 def test_one_image_has_no_grid_and_its_figure_is_the_per_image_one(demo, photos, tmp_path):
     one = rollout(demo, str(photos / "cat.png"))
     files = one.save(tmp_path)
@@ -173,6 +247,10 @@ def test_repr_summary_and_html(result):
         ({"images": "digits", "split": "val"}, "split", "split must be one of"),
         ({"images": []}, "images", "images must name at least one image"),
         ({"batch_size": 0}, "batch_size", "batch_size must be at least 1, not 0"),
+        ({"threshold": 0.6}, "threshold", "threshold needs per_head_layer"),
+        ({"per_head_layer": -1, "threshold": 0.0}, "threshold", r"threshold must be in \(0, 1\], not 0.0"),
+        ({"per_head_layer": -1, "threshold": 1.5}, "threshold", r"threshold must be in \(0, 1\], not 1.5"),
+        ({"per_head_layer": -1, "threshold": "0.6"}, "threshold", r"threshold must be in \(0, 1\]"),
     ],
 )
 def test_bad_options_name_their_parameter(demo, dataset, kwargs, param, needle):
@@ -195,6 +273,7 @@ def test_a_token_the_model_lacks_is_not_a_parameter_error(demo, dataset):
         (["--start-layer", "9"], "--start-layer 9 is out of range"),
         (["--per-head", "--layer", "9"], "--layer 9 is out of range"),
         (["--target", "middle"], "--target must be cls, dist, reg:N or mean-patch"),
+        (["--per-head", "--threshold", "0"], "--threshold must be in (0, 1], not 0.0"),
     ],
 )
 def test_the_cli_speaks_the_flag(tmp_path, args, needle):

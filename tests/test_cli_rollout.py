@@ -10,11 +10,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from tests.conftest import assert_one_line_error, fixture_checkpoint, native_kwargs
+from vitlens.analysis.rollout import threshold_masks
 from vitlens.attention import head_attention_for, rollout_for
 from vitlens.cli.app import app
 from vitlens.data import open_dataset
 from vitlens.definitions.rollout import unique_stems
 from vitlens.models import load_vit
+from vitlens.result import load_result
 
 runner = CliRunner()
 LAYOUTS = ["reg", "distilled", "gap", "reg_no_embed_class", "nonsquare"]
@@ -95,6 +97,28 @@ def test_image_files_per_head_and_unique_stems(tmp_path):
         assert min(im.size) > 300  # four rows of a photo and three head tiles
 
 
+def test_threshold_writes_the_mask_figure_and_arrays(tmp_path):
+    ckpt, args = fixture_checkpoint(tmp_path, "reg")
+    images = _photos(tmp_path / "photos")
+    out = tmp_path / "out"
+    result = _run(ckpt, *images, *args, "--per-head", "--layer", "1", "--threshold", "0.6", "--out", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["threshold"] == 0.6 and str(out / "rollout_heads_L1_masks.png") in data["files"]
+    with Image.open(out / "rollout_heads_L1_masks.png") as im:
+        assert im.format == "PNG" and min(im.size) > 300  # three rows of a photo and three head tiles
+    with np.load(out / "rollout.npz") as npz:
+        masks, heads = npz["heads_masks"], npz["heads"]
+    assert masks.shape == (3, 3, 4, 4) and masks.dtype == bool
+    np.testing.assert_array_equal(masks, threshold_masks(heads, mass=0.6))
+    share = heads / heads.sum(axis=(2, 3), keepdims=True)  # over patches only: the registers' weight left out
+    assert (np.where(masks, share, 0.0).sum(axis=(2, 3)) >= 0.6).all()
+    assert data["heads_masks"] == masks.tolist()
+    back = load_result(out)
+    assert back.threshold == 0.6 and back.heads_layer == 1
+    np.testing.assert_array_equal(back.heads_masks, masks)
+
+
 def test_options_reach_the_analysis_and_one_image_has_no_grid(tmp_path):
     ckpt, args = fixture_checkpoint(tmp_path, "reg")
     images = _photos(tmp_path / "photos")
@@ -171,6 +195,9 @@ def test_unique_stems():
         (["{cat}", "--start-layer", "-1"], 2, "--start-layer must be 0 or more"),
         (["{cat}", "--per-head", "--layer", "2"], 2, "--layer 2 is out of range"),
         (["{cat}", "--layer", "1"], 2, "add --per-head"),
+        (["{cat}", "--threshold", "0.6"], 2, "--threshold cuts masks from the --per-head maps; add --per-head"),
+        (["{cat}", "--per-head", "--threshold", "0"], 2, "--threshold must be in (0, 1], not 0.0"),
+        (["{cat}", "--per-head", "--threshold", "1.5"], 2, "--threshold must be in (0, 1], not 1.5"),
         (["{cat}", "--head-fusion", "sum"], 2, "--head-fusion must be mean, max or min"),
         (["{cat}", "--data", "digits"], 2, "not both"),
         (["--data", "digits", "--num-images", "0"], 2, "--num-images must be a positive number"),

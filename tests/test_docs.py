@@ -52,7 +52,7 @@ def test_api_examples_run(tmp_path, monkeypatch):
     assert namespace["report"].summary["status"] == "ok"
 
 
-@pytest.mark.parametrize("name", ["filters", "pos_sim", "attention_distance", "rollout", "fewshot"])
+@pytest.mark.parametrize("name", ["filters", "pos_sim", "attention_distance", "rollout", "features", "fewshot"])
 def test_analysis_pages_show_their_figure(name):
     figure = DOCS / "figures" / f"{name}.png"
     assert figure.is_file() and figure.stat().st_size < 300_000

@@ -28,6 +28,7 @@ SECTION_FILES = {
         "attention_distance.json",
     ],
     "rollout": ["rollout.png", "rollout.npz", "rollout.json"],
+    "features": ["features.png", "features.npz", "features.json"],
     "fewshot": ["fewshot.png", "fewshot.csv", "fewshot.json"],
 }
 REPORT_FILES = ["index.html", "report.md", "summary.json"]
@@ -107,6 +108,7 @@ def test_sections_subset_and_images(tmp_path):
         "pos-sim": "ok",
         "attention-distance": "skipped",
         "rollout": "ok",
+        "features": "skipped",
         "fewshot": "skipped",
     }
     assert (out / "rollout" / "photo.png").is_file() and not (out / "filters.png").exists()
@@ -179,6 +181,7 @@ def test_parse_sections_keeps_report_order():
             "pos-sim",
             "attention-distance",
             "rollout",
+            "features",
             "fewshot",
         )
     )

@@ -35,3 +35,9 @@ REPORT_ROLLOUT_IMAGES = 6
 REPORT_SHOTS: tuple[int, ...] = (1, 5, 10)  # big_vision's 1, 5, 10 (25 left out: digits' test split is small)
 REPORT_SEEDS = FEWSHOT_SEEDS
 REPORT_L2 = FEWSHOT_L2
+
+# features: the DINOv2 paper's PCA visualisation (Fig. 1): the first three components as RGB, after the last block
+# (its final norm), foreground split on the first component.
+FEATURES_LAYER = -1
+FEATURES_NUM_COMPONENTS = 3
+FEATURES_FOREGROUND = "auto"

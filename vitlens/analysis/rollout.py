@@ -7,6 +7,7 @@ the residual connection is modelled by adding the identity and renormalising row
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import torch
 from einops import rearrange
 
 from vitlens.analysis._common import check_attention, compute_dtype, to_numpy
-from vitlens.errors import UsageError, VitlensError
+from vitlens.errors import ParameterError, VitlensError
 from vitlens.layout import TokenLayout
 
 HeadFusion = Literal["mean", "max", "min"]
@@ -39,7 +40,7 @@ def resolve_target(target: str, layout: TokenLayout) -> int | None:
     """Sequence index of ``target``'s row, or ``None`` for ``"mean-patch"``.
 
     Raises:
-        UsageError: ``target`` is not one of the accepted forms.
+        ParameterError: ``target`` is not one of the accepted forms.
         VitlensError: the model has no such token.
     """
     if target == "mean-patch":
@@ -49,7 +50,7 @@ def resolve_target(target: str, layout: TokenLayout) -> int | None:
     elif m := _REG.fullmatch(target):
         kind, n = "reg", int(m.group(1))
     else:
-        raise UsageError(f"unknown target '{target}': use cls, dist, reg:N or mean-patch")
+        raise ParameterError("target", f"target must be cls, dist, reg:N or mean-patch, not {target!r}")
     try:
         return layout.token_index(kind, n)
     except KeyError:
@@ -58,11 +59,11 @@ def resolve_target(target: str, layout: TokenLayout) -> int | None:
 
 def _check_options(head_fusion: str, discard_ratio: float, start_layer: int) -> None:
     if head_fusion not in ("mean", "max", "min"):
-        raise UsageError(f"unknown head_fusion '{head_fusion}': use mean, max or min")
+        raise ParameterError("head_fusion", f"unknown head_fusion '{head_fusion}': use mean, max or min")
     if not 0.0 <= discard_ratio < 1.0:
-        raise UsageError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+        raise ParameterError("discard_ratio", f"discard_ratio must be in [0, 1), got {discard_ratio}")
     if start_layer < 0:
-        raise UsageError(f"start_layer must be 0 or more (0-based), got {start_layer}")
+        raise ParameterError("start_layer", f"start_layer must be 0 or more (0-based), got {start_layer}")
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def fuse_heads(attn: torch.Tensor, head_fusion: HeadFusion, *, dtype: torch.dtyp
         return attn.amax(dim=1).to(dtype)
     if head_fusion == "min":
         return attn.amin(dim=1).to(dtype)
-    raise UsageError(f"unknown head_fusion '{head_fusion}': use mean, max or min")
+    raise ParameterError("head_fusion", f"unknown head_fusion '{head_fusion}': use mean, max or min")
 
 
 def rollout_layer_matrix(
@@ -231,14 +232,16 @@ def attention_rollout(
     """Attention rollout of a list of per-layer attentions ``[B, heads, N, N]``, layer 0 first.
 
     Raises:
-        UsageError: bad option, or ``start_layer`` past the last layer.
+        ParameterError: bad option, or ``start_layer`` past the last layer.
         VitlensError: the model has no ``target`` token.
     """
     _check_options(head_fusion, discard_ratio, start_layer)
     resolve_target(target, layout)  # fail before any work
     attentions = list(attentions)
     if start_layer >= len(attentions):
-        raise UsageError(f"start_layer {start_layer} is past the last of {len(attentions)} layers (0-based)")
+        raise ParameterError(
+            "start_layer", f"start_layer {start_layer} is past the last of {len(attentions)} layers (0-based)"
+        )
     acc = RolloutAccumulator(layout, head_fusion=head_fusion, discard_ratio=discard_ratio, start_layer=start_layer)
     for layer, attn in enumerate(attentions):
         acc.update(layer, attn)
@@ -257,3 +260,55 @@ def cls_attention_per_head(attn: torch.Tensor, layout: TokenLayout, *, target: R
     rows = a[:, :, ps, ps].mean(dim=2, dtype=dtype) if index is None else a[:, :, index, ps].to(dtype)  # [B, heads, HW]
     h, w = layout.grid_size
     return to_numpy(rearrange(rows, "b heads (h w) -> b heads h w", h=h, w=w))
+
+
+def threshold_masks(weights: np.ndarray | torch.Tensor, *, mass: float, patch_axes: Literal[1, 2] = 2) -> np.ndarray:
+    """Per map, the smallest set of patches holding ``mass`` of the map's weight on patches (DINO's threshold masks).
+
+    DINO's ``visualize_attention.py`` (Caron et al. 2021) sorts each head's class-token weights on the patches in
+    ascending order, divides them by their sum, and keeps a patch where the cumulative sum is ``> 1 - threshold``.
+    Read from the strongest patch down, that keeps a patch exactly when the patches stronger than it hold less than
+    ``mass``: the shortest prefix of the descending order whose sum reaches ``mass``, i.e. a smallest set holding at
+    least ``mass``. This is that rule, written on the descending order, with three things pinned down:
+
+    - the sum is over patches only: the caller passes the weights on patch tokens (``layout.patch_slice``), so weight
+      on the class token and on registers counts neither in the total nor in the kept mass (DINO's ``[0, :, 0, 1:]``
+      would count registers as patches);
+    - ties are broken by the lower patch index (row-major) first, so the mask is deterministic (DINO's
+      ``torch.sort`` leaves the order of equal weights unspecified);
+    - a patch of weight 0 is never kept (it adds no mass; with ``mass=1`` float rounding could otherwise keep it),
+      so a map with no weight on any patch gives an empty mask.
+
+    Args:
+        weights: non-negative weights ``[..., H, W]`` (``patch_axes=2``) or ``[..., HW]`` (``patch_axes=1``); each map
+            is one head of one image. Computed in float64.
+        mass: fraction in (0, 1] of each map's patch weight the kept set must hold.
+        patch_axes: how many trailing axes index the patches.
+
+    Returns:
+        Boolean masks of ``weights``' shape, True on the kept patches.
+
+    Raises:
+        ParameterError: ``mass`` outside (0, 1], ``patch_axes`` not 1 or 2, or a negative weight.
+    """
+    if isinstance(mass, bool) or not isinstance(mass, int | float) or not 0.0 < mass <= 1.0:
+        raise ParameterError("mass", f"mass must be in (0, 1], got {mass!r}")
+    if patch_axes not in (1, 2):
+        raise ParameterError("patch_axes", f"patch_axes must be 1 or 2, got {patch_axes!r}")
+    w = weights.detach().cpu().numpy() if isinstance(weights, torch.Tensor) else np.asarray(weights)
+    shape = w.shape
+    if len(shape) < patch_axes:
+        raise ParameterError("patch_axes", f"weights need {patch_axes} patch axes, got shape {tuple(shape)}")
+    w = w.astype(np.float64).reshape(-1, math.prod(shape[len(shape) - patch_axes :]))  # [maps, HW]
+    if (w < 0).any():
+        raise ParameterError("weights", "weights must be non-negative (post-softmax attention)")
+    order = np.argsort(-w, axis=-1, kind="stable")  # [maps, HW] strongest first; equal weights by patch index
+    ranked = np.take_along_axis(w, order, axis=-1)  # [maps, HW] descending
+    total = ranked.sum(axis=-1, keepdims=True)  # [maps, 1]
+    share = np.divide(ranked, total, out=np.zeros_like(ranked), where=total > 0)  # renormalised over patches
+    # [maps, HW] mass of the patches ranked above each one (an exclusive cumulative sum)
+    stronger = np.concatenate([np.zeros_like(share[:, :1]), np.cumsum(share, axis=-1)[:, :-1]], axis=-1)
+    keep = (stronger < mass) & (ranked > 0)  # DINO's cumsum_ascending > 1 - mass, from the top
+    masks = np.zeros_like(keep)
+    np.put_along_axis(masks, order, keep, axis=-1)
+    return masks.reshape(shape)

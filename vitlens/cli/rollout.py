@@ -105,6 +105,16 @@ LayerOpt = Annotated[
         rich_help_panel=ROLLOUT_PANEL,
     ),
 ]
+ThresholdOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--threshold",
+        help="With --per-head, also draw per head the smallest set of patches holding this share in (0, 1] of its "
+        "attention on patches (prefix tokens and registers left out), as DINO's masks; e.g. 0.6.",
+        show_default=False,
+        rich_help_panel=ROLLOUT_PANEL,
+    ),
+]
 
 
 def rollout(
@@ -133,6 +143,7 @@ def rollout(
     target: TargetOpt = None,
     per_head: PerHeadOpt = False,
     layer: LayerOpt = None,
+    threshold: ThresholdOpt = None,
     out: OutOpt = Path("vitlens-out"),
     fmt: FormatOpt = "png",
     json_: JsonOpt = False,
@@ -140,11 +151,12 @@ def rollout(
 ) -> None:
     """Attention rollout of each image: where the class token (or --target) draws its information from.
 
-    Writes rollout/<image>.png, rollout.png (more than one image), rollout.npz and rollout.json to --out.
+    Writes rollout/<image>.png, rollout.png (more than one image), rollout.npz and rollout.json to --out (with
+    --per-head also rollout_heads_L<l>.png, and with --threshold rollout_heads_L<l>_masks.png).
     """
     from vitlens.attention import default_target
     from vitlens.data import IMAGE_EXTENSIONS, open_dataset
-    from vitlens.definitions.rollout import check_options
+    from vitlens.definitions.rollout import check_options, check_threshold
     from vitlens.definitions.rollout import rollout as compute
 
     started = time.perf_counter()
@@ -152,6 +164,9 @@ def rollout(
     check_options(head_fusion, discard_ratio, start_layer)
     if layer is not None and not per_head:
         raise UsageError("--layer chooses the layer of --per-head; add --per-head")
+    if threshold is not None and not per_head:
+        raise UsageError("--threshold cuts masks from the --per-head maps; add --per-head")
+    check_threshold(threshold)
     check_num_images(num_images)
     fmt = check_format(fmt)
     images = list(images or [])
@@ -189,6 +204,7 @@ def rollout(
             start_layer=start_layer,
             target=target,
             per_head_layer=per_head_layer,
+            threshold=threshold,
             num_images=num_images,
             batch_size=batch_size,
             progress=progress,

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vitlens import defaults
-from vitlens.errors import ParameterError, UsageError, VitlensError
+from vitlens.errors import ParameterError, VitlensError
 from vitlens.registry import Definition, register
 from vitlens.result import Result
 
@@ -64,6 +64,10 @@ class RolloutResult(Result):
         patch_size: ``(ph, pw)`` in pixels.
         heads: the target's raw attention per head in one layer, ``[B, heads, H, W]``, or None.
         heads_layer: that layer (0-based), or None.
+        prefix_tokens: the prefix token kinds in sequence order (cls, dist, reg).
+        threshold: the share of each head's attention on patches its mask holds (DINO's ``--threshold``), or None.
+        heads_masks: per image and head, the smallest set of patches holding ``threshold`` of the head's weight on
+            patches, ``[B, heads, H, W]`` booleans (:func:`~vitlens.analysis.rollout.threshold_masks`), or None.
         photos: the images as the model sees them (``ImageDataset.load_pil``), for the overlays; None for a result
             read back by :func:`~vitlens.result.load_result`, which keeps the numbers but not the photos. An init-only
             argument kept as an attribute, not a field: ``==`` (field by field), ``to_dict`` and the files leave it
@@ -80,6 +84,8 @@ class RolloutResult(Result):
     heads: np.ndarray | None = None
     heads_layer: int | None = None
     prefix_tokens: tuple[str, ...] = ()  # the prefix token kinds in sequence order (cls, dist, reg)
+    threshold: float | None = None
+    heads_masks: np.ndarray | None = None  # [B, heads, H, W] bool, with threshold only
     photos: InitVar[Sequence[Image.Image] | None] = None
 
     analysis = "rollout"
@@ -104,6 +110,9 @@ class RolloutResult(Result):
         if self.heads is not None:
             payload["heads_layer"] = self.heads_layer
             payload["heads"] = self.heads.tolist()
+        if self.heads_masks is not None:
+            payload["threshold"] = self.threshold
+            payload["heads_masks"] = self.heads_masks.tolist()
         payload["prefix_tokens"] = list(self.prefix_tokens)
         return payload
 
@@ -159,11 +168,11 @@ class RolloutResult(Result):
     # ---------------------------------------------------------------------------------------------- files
     def _write(self, out: Path, fmt: str, payload: dict[str, Any]) -> list[Path]:
         """rollout/<stem>.<fmt> per image, rollout.<fmt> (more than one image), rollout_heads_L<layer>.<fmt> (with
-        per-head maps), rollout.npz and rollout.json."""
+        per-head maps), rollout_heads_L<layer>_masks.<fmt> (with a threshold), rollout.npz and rollout.json."""
         import numpy as np
 
         from vitlens.io import ensure_out_dir, write_json, write_npz
-        from vitlens.plotting.rollout import head_attention_figure, rollout_figure
+        from vitlens.plotting.rollout import head_attention_figure, head_mask_figure, rollout_figure
         from vitlens.plotting.style import save_figure
 
         if self.photos is None:
@@ -175,10 +184,13 @@ class RolloutResult(Result):
         # The summary figures are built first (a plotting error then leaves no files); the per-image figures are
         # built and written one at a time below, so memory holds one of them, however many images there are.
         grid = self.figure() if len(photos) > 1 else None
-        heads_fig = None
+        heads_fig = masks_fig = None
         if self.heads is not None:
             layer, target = int(self.heads_layer), self.rollout.target  # type: ignore[arg-type]
             heads_fig = head_attention_figure(photos, self.heads, titles, layer=layer, target=target)
+            if self.heads_masks is not None:
+                opts = {"layer": layer, "target": target, "threshold": float(self.threshold)}  # type: ignore[arg-type]
+                masks_fig = head_mask_figure(photos, self.heads_masks, titles, **opts)
 
         out = ensure_out_dir(out)
         image_dir = ensure_out_dir(out / "rollout")
@@ -199,6 +211,10 @@ class RolloutResult(Result):
             files.append(save_figure(heads_fig, out / name, fmt=fmt))  # type: ignore[arg-type]
             arrays["heads"] = self.heads  # [B, heads, H, W]
             arrays["heads_layer"] = np.int64(self.heads_layer)
+        if masks_fig is not None:
+            name = f"rollout_heads_L{self.heads_layer}_masks.{fmt}"
+            files.append(save_figure(masks_fig, out / name, fmt=fmt))  # type: ignore[arg-type]
+            arrays["heads_masks"] = self.heads_masks  # [B, heads, H, W] bool
         files.append(write_npz(out / "rollout.npz", **arrays))
         files.append(write_json(out / "rollout.json", payload))
         return files
@@ -214,6 +230,7 @@ class RolloutResult(Result):
             images = tuple(str(name) for name in npz["images"])
             grid_size = tuple(int(s) for s in npz["grid_size"])
             heads = npz.get("heads")  # [B, heads, H, W], saved with per-head maps only
+            heads_masks = npz.get("heads_masks")  # [B, heads, H, W] bool, saved with a threshold only
         rollout = Rollout(
             maps=maps,
             patch_mass=patch_mass,
@@ -235,6 +252,8 @@ class RolloutResult(Result):
             heads,
             None if heads is None else int(payload["heads_layer"]),
             tuple(payload.get("prefix_tokens", ())),
+            None if heads_masks is None else float(payload["threshold"]),
+            heads_masks,
         )
 
 
@@ -300,6 +319,17 @@ def check_options(head_fusion: Any, discard_ratio: Any, start_layer: Any) -> Non
         raise ParameterError("start_layer", f"start_layer must be 0 or more (0-based), not {start_layer!r}")
 
 
+def check_threshold(threshold: Any) -> None:
+    """Check ``threshold``: None, or a share of the attention mass in (0, 1] (the CLI calls this before loading).
+
+    Raises:
+        ParameterError: ``threshold`` is not a number in (0, 1].
+    """
+    number = isinstance(threshold, int | float) and not isinstance(threshold, bool)
+    if threshold is not None and (not number or not 0.0 < threshold <= 1.0):
+        raise ParameterError("threshold", f"threshold must be in (0, 1], not {threshold!r}")
+
+
 def rollout(
     vit: ViT,
     images: ImageDataset | str | os.PathLike | Sequence[str | os.PathLike],
@@ -309,6 +339,7 @@ def rollout(
     start_layer: int = defaults.ROLLOUT_START_LAYER,
     target: str | None = None,
     per_head_layer: int | None = None,
+    threshold: float | None = None,
     split: str = "test",
     num_images: int | None = None,
     batch_size: int | None = None,
@@ -333,6 +364,9 @@ def rollout(
             tokens' rows); default ``cls``, or ``mean-patch`` for models without a class token.
         per_head_layer: also keep the target's raw attention to each patch per head in this layer (0-based,
             negative from the end), the DINO-style view; None for none.
+        threshold: with ``per_head_layer``, also keep per image and head the smallest set of patches holding this
+            share, in (0, 1], of the head's attention on patches (prefix tokens, registers included, left out of
+            the mass), as DINO's ``visualize_attention.py --threshold`` (e.g. 0.6); None for none.
         split: with a data spec, ``train``, ``test`` or ``all``.
         num_images: with a data spec, folder or image files, a subset of this many images.
         batch_size: images per forward pass; None for the device's default. Results do not depend on it.
@@ -345,7 +379,7 @@ def rollout(
         ParameterError: a bad option, a layer outside the model, or ``num_images`` given with a dataset.
         VitlensError: the model has no ``target`` token, or an image cannot be read.
     """
-    from vitlens.analysis.rollout import resolve_target
+    from vitlens.analysis.rollout import resolve_target, threshold_masks
     from vitlens.attention import default_target, head_attention_for, rollout_for
     from vitlens.data import ImageDataset
 
@@ -358,15 +392,14 @@ def rollout(
         )
     _check_layer("start_layer", start_layer, vit.depth)
     heads_layer = None if per_head_layer is None else _check_layer("per_head_layer", per_head_layer, vit.depth)
+    check_threshold(threshold)
+    if threshold is not None and heads_layer is None:
+        raise ParameterError("threshold", "threshold needs per_head_layer: the masks are cut from the per-head maps")
     defaulted = target is None
     target = default_target(vit.layout) if target is None else target
-    bad_target = ParameterError("target", f"target must be cls, dist, reg:N or mean-patch, not {target!r}")
     if not isinstance(target, str):
-        raise bad_target
-    try:
-        resolve_target(target, vit.layout)  # a VitlensError (not a bad option) when the model lacks the token
-    except UsageError:
-        raise bad_target from None
+        raise ParameterError("target", f"target must be cls, dist, reg:N or mean-patch, not {target!r}")
+    resolve_target(target, vit.layout)  # ParameterError for a bad form; VitlensError when the model lacks the token
 
     if isinstance(images, ImageDataset):
         dataset = images
@@ -384,7 +417,8 @@ def rollout(
     heads = None
     if heads_layer is not None:
         opts = {"layer": heads_layer, "target": target, "batch_size": batch_size, "progress": stage(n)}
-        heads = head_attention_for(vit, dataset, **opts)  # [B, heads, H, W]
+        heads = head_attention_for(vit, dataset, **opts)  # [B, heads, H, W] weights on patch tokens only
+    masks = None if threshold is None else threshold_masks(heads, mass=threshold)  # [B, heads, H, W] bool
     return RolloutResult(
         maps,
         tuple(dataset.names),
@@ -396,6 +430,8 @@ def rollout(
         heads,
         heads_layer,
         tuple(vit.layout.prefix_kinds),
+        None if threshold is None else float(threshold),
+        masks,
         photos,
     )
 

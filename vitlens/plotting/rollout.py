@@ -202,3 +202,72 @@ def head_attention_figure(
                     axes[i, h + 1].set_title(f"head {h}", fontsize=8)
         fig.suptitle(title, fontsize=9)
     return fig
+
+
+MASK_COLOUR = (0.2, 0.85, 1.0)  # cyan: stands out on a grey photo and on inferno's dark end alike
+MASK_ALPHA = 0.55
+
+
+def plot_head_mask(
+    image: Image.Image | None, mask: np.ndarray, *, ax: Axes | None = None, title: str | None = None
+) -> Axes:
+    """Draw a patch mask ``[H, W]`` (True = kept) in colour over the photo in grey, one block per patch, with the
+    patches left out showing the photo; without a photo, the mask alone.
+
+    The mask is not resampled: it is stretched over the photo with ``extent`` and ``nearest`` interpolation, so each
+    patch's block covers exactly that patch's pixels (the photo is the model input, ``grid_size x patch_size``).
+    """
+    if ax is None:
+        with vitlens_style():
+            ax = new_figure(2.2, 2.2).add_subplot()
+    mask = np.asarray(mask, dtype=bool)  # [H, W]
+    rgba = np.zeros((*mask.shape, 4))  # [H, W, 4] transparent where the patch is left out
+    rgba[mask] = (*MASK_COLOUR, MASK_ALPHA)
+    if image is None:
+        ax.imshow(np.zeros(mask.shape), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.imshow(rgba, interpolation="nearest")
+    else:
+        grey = np.asarray(image.convert("L"))  # [h, w]
+        h, w = grey.shape
+        ax.imshow(grey, cmap="gray", vmin=0, vmax=255, interpolation="antialiased")
+        ax.imshow(rgba, interpolation="nearest", extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+    _clean(ax)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def head_mask_figure(
+    images: Sequence[Image.Image],
+    masks: np.ndarray,
+    names: Sequence[str],
+    *,
+    layer: int,
+    target: str,
+    threshold: float,
+) -> Figure:
+    """Tile grid of per-head threshold masks (DINO's ``visualize_attention.py --threshold``): a row per image, the
+    photo then one tile per head with its kept patches in colour; each tile's title gives how many patches it keeps.
+    """
+    n, num_heads = masks.shape[:2]  # [B, heads, H, W]
+    patches = masks.shape[2] * masks.shape[3]
+    width = (num_heads + 1) * _TILE * 0.72 + 0.2
+    title = _wrap(
+        f"layer {layer}: smallest set of patches holding {threshold:.0%} of the {target} token's attention on "
+        "patches, per head (coloured: kept)",
+        width,
+    )
+    with vitlens_style():
+        tile_h = _TILE * 0.72 * _aspect(images[0]) + 0.2  # + the count above each tile
+        fig = new_figure(width, n * tile_h + 0.25 + 0.2 * (title.count("\n") + 1))
+        axes = np.asarray(fig.subplots(n, num_heads + 1, squeeze=False))  # [B, heads + 1]
+        for i in range(n):
+            plot_photo(images[i], ax=axes[i, 0])
+            axes[i, 0].set_ylabel(_short(names[i], 14), fontsize=7)
+            for h in range(num_heads):
+                kept = int(masks[i, h].sum())
+                label = f"head {h}: {kept}/{patches}" if i == 0 else f"{kept}/{patches}"
+                plot_head_mask(images[i], masks[i, h], ax=axes[i, h + 1])
+                axes[i, h + 1].set_title(label, fontsize=7)
+        fig.suptitle(title, fontsize=9)
+    return fig
