@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from types import SimpleNamespace
+from types import MethodType, SimpleNamespace
 
 import numpy as np
 import pytest
@@ -303,9 +303,16 @@ def test_registered_and_run_by_the_report(demo, result, photos):
         opened.append((spec, split, num_images))
         return open_dataset(spec, demo.preprocess, split=split, num_images=num_images)
 
+    from vitlens.report import _Run
+
+    def fake_run(images):  # the report's run, with its real choice of images and a recording opener
+        run = SimpleNamespace(**common, images=images, open=run_open)
+        run.open_images = MethodType(_Run.open_images, run)
+        return run
+
     common = {"vit": demo, "data": "digits", "split": "test", "rollout_images": NUM_IMAGES, "batch_size": None}
-    run = SimpleNamespace(**common, images=None, open=run_open)
+    run = fake_run(None)
     assert DEFINITION.section(run) == result and opened == [("digits", "test", NUM_IMAGES)]
-    run = SimpleNamespace(**common, images=[str(photos)], open=run_open)
+    run = fake_run([str(photos)])
     assert sorted(DEFINITION.section(run).images) == ["cat.png", "dog.jpg"]
     assert opened[-1] == (str(photos), "all", None)

@@ -132,6 +132,14 @@ class _Run:
             require_labels=require_labels,
         )
 
+    def open_images(self) -> ImageDataset:
+        """The report's images for the per-image sections: ``images`` (files, or all of one folder), else
+        ``rollout_images`` images of ``data``."""
+        if self.images:
+            folder = len(self.images) == 1 and Path(self.images[0]).expanduser().is_dir()
+            return self.open(self.images[0] if folder else self.images, split="all", num_images=None)
+        return self.open(self.data, split=self.split, num_images=self.rollout_images)
+
     def rel(self, paths: Sequence[Path]) -> tuple[str, ...]:
         return tuple(Path(p).relative_to(self.out).as_posix() for p in paths)
 

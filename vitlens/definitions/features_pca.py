@@ -311,12 +311,7 @@ def features_pca(
 
 
 def _section(run: Any) -> FeaturesPCAResult:
-    if run.images:
-        folder = len(run.images) == 1 and Path(run.images[0]).expanduser().is_dir()
-        dataset = run.open(run.images[0] if folder else run.images, split="all", num_images=None)
-    else:
-        dataset = run.open(run.data, split=run.split, num_images=run.rollout_images)
-    return features_pca(run.vit, dataset, batch_size=run.batch_size)
+    return features_pca(run.vit, run.open_images(), batch_size=run.batch_size)
 
 
 DEFINITION = register(

@@ -437,12 +437,7 @@ def rollout(
 
 
 def _section(run: Any) -> RolloutResult:
-    if run.images:
-        folder = len(run.images) == 1 and Path(run.images[0]).expanduser().is_dir()
-        dataset = run.open(run.images[0] if folder else run.images, split="all", num_images=None)
-    else:
-        dataset = run.open(run.data, split=run.split, num_images=run.rollout_images)
-    return rollout(run.vit, dataset, batch_size=run.batch_size)
+    return rollout(run.vit, run.open_images(), batch_size=run.batch_size)
 
 
 DEFINITION = register(
