@@ -304,9 +304,8 @@ def _from_conversion(conv: Conversion, raw: RawCheckpoint, model_kwargs: dict[st
     guessed = dict(conv.guessed)
     # A converter that built the model already (timm architectures) did so with the user's kwargs applied.
     model = conv.model if conv.model is not None else build_model(conv.arch, kwargs)
-    for key in model_kwargs:
-        if key in guessed or (key == "act_layer" and "act_layer" in guessed):
-            guessed.pop(key, None)
+    for key in model_kwargs:  # what the user set (e.g. act_layer) is no longer a guess
+        guessed.pop(key, None)
     _require_vit(model, conv.arch)
     _load_strict(model, conv.state_dict, name)
     for part in conv.dropped:
