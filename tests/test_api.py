@@ -16,7 +16,7 @@ from vitlens.result import Result, load_result
 
 def test_lists_its_analyses_and_names():
     # That `import vitlens` and the listing stay torch-free is checked in test_imports.py.
-    names = ["filters", "pos-sim", "attention-distance", "rollout", "features", "fewshot"]
+    names = ["filters", "pos-sim", "attention-distance", "tokens", "rollout", "features", "fewshot"]
     assert [d.name for d in vitlens.analyses()] == names
     for name in vitlens.__all__:
         assert getattr(vitlens, name) is not None, name
@@ -90,6 +90,7 @@ def test_every_payload_names_the_prefix_tokens(demo, tmp_path):
         vitlens.filters(demo),
         vitlens.pos_sim(demo),
         vitlens.attention_distance(demo, data),
+        vitlens.tokens(demo, data),
         vitlens.rollout(demo, data),
         vitlens.features_pca(demo, data),
         vitlens.fewshot(demo, data, shots=(1,), seeds=1, use_cache=False),

@@ -41,3 +41,8 @@ REPORT_L2 = FEWSHOT_L2
 FEATURES_LAYER = -1
 FEATURES_NUM_COMPONENTS = 3
 FEATURES_FOREGROUND = "auto"
+
+# tokens: Darcet et al. 2023 ("Vision Transformers Need Registers") pick high-norm tokens from a bimodal norm
+# histogram; "auto" finds that valley in the last layer (vitlens.analysis.tokens.auto_threshold).
+TOKENS_NORM_THRESHOLD = "auto"
+TOKENS_NUM_IMAGES = 128

@@ -1,0 +1,187 @@
+"""Token norms, outliers and sinks on tiny fixtures: a planted high-norm token is found at its layer and position,
+a plain model has none, the norm statistics equal a plain computation from timm's ``forward_intermediates``,
+sink shares equal a plain computation from captured attention, and nothing depends on the batch size."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import make_vit
+from vitlens.analysis.tokens import (
+    AUTO_MIN_GAP_DECADES,
+    auto_threshold,
+    histogram_quantile,
+    norm_bin_edges,
+)
+from vitlens.capture import attention_capture
+from vitlens.data import open_dataset
+from vitlens.definitions.tokens import tokens
+from vitlens.errors import ParameterError
+from vitlens.layout import Preprocess
+from vitlens.models.vit import ViT
+
+NUM_IMAGES = 6
+PLANT_LAYER, PLANT_POS = 1, (2, 1)  # block 1 writes a large vector into patch row 2, column 1
+BIG = 1000.0
+
+
+def _vit(name: str, *, planted: bool = False, depth: int = 3) -> ViT:
+    torch.manual_seed(0)
+    model = make_vit(name)
+    while len(model.blocks) < depth:  # the fixtures have 2 blocks: a third shows the outlier staying
+        model.blocks.append(copy.deepcopy(model.blocks[-1]))
+    vit = ViT(model, Preprocess(img_size=tuple(model.patch_embed.img_size)))
+    if planted:
+        layout = vit.layout
+        index = layout.patch_slice.start + PLANT_POS[0] * layout.grid_size[1] + PLANT_POS[1]
+        big = torch.zeros(model.embed_dim)
+        big[0] = BIG
+
+        def plant(_module, _inputs, output):
+            output = output.clone()
+            output[:, index] = output[:, index] + big
+            return output
+
+        model.blocks[PLANT_LAYER].register_forward_hook(plant)
+    return vit
+
+
+def _data(vit: ViT, n: int = NUM_IMAGES):
+    return open_dataset("digits", vit.preprocess, num_images=n)
+
+
+def _images(dataset) -> torch.Tensor:
+    return torch.stack([dataset[i][0] for i in range(len(dataset))])
+
+
+@pytest.mark.parametrize("name", ["reg", "distilled", "gap", "nonsquare"])
+def test_planted_outlier_is_found_at_its_layer_and_position(name):
+    vit = _vit(name, planted=True)
+    result = tokens(vit, _data(vit), batch_size=4).norms
+    h, w = vit.layout.grid_size
+    assert result.threshold_auto and np.isfinite(result.threshold) and 10 < result.threshold < BIG
+    expected = np.zeros(3)
+    expected[PLANT_LAYER:] = 1 / (h * w)  # the token keeps its norm in the residual stream after block 1
+    np.testing.assert_allclose(result.outlier_fraction, expected)
+    np.testing.assert_allclose(result.images_with_outliers, (expected > 0).astype(float))
+    grid = np.zeros((3, h, w))
+    grid[PLANT_LAYER:, PLANT_POS[0], PLANT_POS[1]] = 1.0
+    np.testing.assert_array_equal(result.outlier_map, grid)
+
+
+@pytest.mark.parametrize("name", ["cls", "reg", "gap"])
+def test_a_model_without_outliers_reports_none(name):
+    vit = _vit(name)
+    result = tokens(vit, _data(vit)).norms
+    assert result.threshold == float("inf") and result.threshold_auto
+    assert not result.outlier_fraction.any() and not result.images_with_outliers.any()
+    assert not result.outlier_map.any()
+    assert not np.nan_to_num(result.sink_shares("cls")["outliers"]).any()
+
+
+@pytest.mark.parametrize("name", ["reg", "distilled", "gap"])
+def test_norm_statistics_equal_forward_intermediates(name):
+    vit = _vit(name, planted=True)
+    data = _data(vit)
+    result = tokens(vit, data, norm_threshold=50.0).norms
+    with torch.no_grad():
+        out = vit.model.forward_intermediates(
+            _images(data), indices=[0, 1, 2], output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
+        )
+    edges = norm_bin_edges()
+    layout = vit.layout
+    for r, item in enumerate(out):
+        patches, prefix = item if isinstance(item, tuple) else (item, None)
+        groups = {"patch": patches.norm(dim=-1).double().numpy().ravel()}
+        for kind in set(layout.prefix_kinds):
+            idx = [i for i, k in enumerate(layout.prefix_kinds) if k == kind]
+            groups[kind] = prefix[:, idx].norm(dim=-1).double().numpy().ravel()
+        assert set(groups) == set(result.kinds)
+        for kind, values in groups.items():
+            k = result.kind(kind)
+            counts = np.histogram(values, bins=edges)[0]
+            np.testing.assert_array_equal(result.histograms[k, r], counts)
+            assert result.histograms[k, r].sum() == result.num_tokens[k] == values.size  # adds up to the tokens
+            np.testing.assert_allclose(result.norm_mean[k, r], values.mean(), rtol=1e-5)
+            np.testing.assert_allclose(result.norm_quantiles[k, r, 3], values.max(), rtol=1e-5)
+            # quantiles from 64 bins per decade: within one bin (3.7 %) of numpy's
+            exact = np.quantile(values, [0.5, 0.9, 0.99])
+            np.testing.assert_allclose(result.norm_quantiles[k, r, :3], exact, rtol=10 ** (1 / 64) - 1)
+        frac = (groups["patch"] > 50.0).mean()
+        assert result.outlier_fraction[r] == pytest.approx(frac)
+
+
+@pytest.mark.parametrize("name", ["reg", "distilled"])
+def test_sink_shares_equal_the_captured_attention(name):
+    vit = _vit(name, planted=True)
+    data = _data(vit)
+    result = tokens(vit, data, norm_threshold=50.0, batch_size=5).norms
+    layout = vit.layout
+    maps: dict[int, torch.Tensor] = {}
+    with torch.no_grad(), attention_capture(vit, lambda layer, a: maps.__setitem__(layer, a.clone())):
+        out = vit.model.forward_intermediates(
+            _images(data), indices=[0, 1, 2], output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
+        )
+    cls_index = layout.token_index("cls")
+    regs = [i for i, k in enumerate(layout.prefix_kinds) if k == "reg"]
+    for r in range(3):
+        attn = maps[r].double().mean(dim=1)  # [B, N, N] head mean
+        outlier = torch.zeros(attn.shape[-1], dtype=torch.bool).repeat(attn.shape[0], 1)
+        outlier[:, layout.patch_slice] = out[r][0].norm(dim=-1) > 50.0  # (patches, prefix) per block
+        cls_q = attn[:, cls_index]  # [B, N]
+        patch_q = attn[:, layout.patch_slice].mean(dim=1)  # [B, N]
+        for query, row in (("cls", cls_q), ("patch", patch_q)):
+            shares = result.sink_shares(query)
+            assert shares["outliers"][r] == pytest.approx(float((row * outlier).sum(1).mean()), abs=1e-9)
+            assert shares["cls"][r] == pytest.approx(float(row[:, cls_index].mean()), abs=1e-9)
+            assert shares["registers"][r] == pytest.approx(float(row[:, regs].sum(1).mean()), abs=1e-9)
+        if regs:  # registers fixture: registers + class token + patches = 1 for the mean patch query
+            patches = float(patch_q[:, layout.patch_slice].sum(1).mean())
+            total = result.patch_attention_prefix[r].sum() + patches
+            assert total == pytest.approx(1.0, abs=1e-6)
+            np.testing.assert_allclose(result.patch_attention_prefix[r, regs], patch_q[:, regs].mean(0), atol=1e-9)
+    assert result.sink_shares("cls")["outliers"][PLANT_LAYER] > 0
+
+
+def test_results_do_not_depend_on_the_batch_size():
+    vit = _vit("reg", planted=True)
+    data = _data(vit, 7)
+    a, b = tokens(vit, data, batch_size=1).norms, tokens(vit, data, batch_size=7).norms
+    np.testing.assert_array_equal(a.histograms, b.histograms)
+    np.testing.assert_array_equal(a.outlier_map, b.outlier_map)
+    np.testing.assert_allclose(a.norm_mean, b.norm_mean, rtol=1e-6)
+    np.testing.assert_allclose(a.patch_attention_prefix, b.patch_attention_prefix, rtol=1e-5)
+    np.testing.assert_allclose(a.cls_attention_outliers, b.cls_attention_outliers, rtol=1e-5)
+    assert a.threshold == b.threshold
+
+
+def test_chosen_layers_only():
+    vit = _vit("cls", planted=True)
+    result = tokens(vit, _data(vit), layers=[-1, 0]).norms
+    assert result.layers.tolist() == [0, 2]
+    assert result.outlier_fraction[0] == 0 and result.outlier_fraction[1] > 0
+
+
+def test_auto_threshold_and_histogram_quantile():
+    edges = norm_bin_edges()
+    normal = np.random.default_rng(0).uniform(1, 3, 1000)
+    counts = np.histogram(normal, bins=edges)[0]
+    assert auto_threshold(counts, edges) == float("inf")
+    gap = 10 ** (AUTO_MIN_GAP_DECADES + 0.1)
+    two = np.histogram(np.concatenate([normal, [3 * gap]]), bins=edges)[0]
+    assert 3 < auto_threshold(two, edges) < 3 * gap
+    narrow = np.histogram(np.concatenate([normal, [3 * 10 ** (AUTO_MIN_GAP_DECADES - 0.2)]]), bins=edges)[0]
+    assert auto_threshold(narrow, edges) == float("inf")
+    assert histogram_quantile(counts, edges, 0.5) == pytest.approx(np.median(normal), rel=0.04)
+
+
+@pytest.mark.parametrize("bad", ["nope", -1.0, 0, float("nan")])
+def test_bad_threshold_names_its_parameter(bad):
+    vit = _vit("cls")
+    with pytest.raises(ParameterError) as info:
+        tokens(vit, _data(vit), norm_threshold=bad)
+    assert info.value.param == "norm_threshold"

@@ -1,0 +1,263 @@
+"""Token norms of the residual stream and high-norm outlier tokens ("Vision Transformers Need Registers", Darcet
+et al. 2023): streaming histograms of every token's L2 norm after each block, outliers above a threshold, and how
+much attention lands on them, on the registers and on the class token.
+
+Memory does not grow with the number of images: every statistic is a sum or a count on a fixed grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vitlens.analysis._common import check_attention
+from vitlens.errors import VitlensError
+from vitlens.layout import TokenLayout
+
+# Fixed log-spaced norm bins: 64 per decade (each bin spans a factor 10**(1/64) = 1.037, so a quantile read from
+# the histogram is within 3.7 % of the exact one) from 1e-3 to 1e6, plus [0, 1e-3) and [1e6, inf) at the ends.
+BINS_PER_DECADE = 64
+LOG10_MIN, LOG10_MAX = -3, 6
+QUANTILES = (0.5, 0.9, 0.99)  # from the histogram; the maximum is exact
+# auto threshold: a run of (nearly) empty bins at least this wide, in decades, above the median norm of the last
+# layer's patch tokens separates the high-norm tokens (Darcet et al. see ~10x the typical norm) from the rest.
+AUTO_MIN_GAP_DECADES = 0.5
+AUTO_SPARSE_FRACTION = 1e-4  # a bin holding at most this fraction of the tokens counts as empty (stray tokens)
+
+
+def norm_bin_edges() -> np.ndarray:
+    """The fixed bin edges ``[E + 1]``: 0, then ``10**k / 64`` for k from -3 to 6 decades, then infinity."""
+    inner = np.logspace(LOG10_MIN, LOG10_MAX, (LOG10_MAX - LOG10_MIN) * BINS_PER_DECADE + 1)
+    return np.concatenate([[0.0], inner, [np.inf]])
+
+
+def token_kinds(layout: TokenLayout) -> tuple[str, ...]:
+    """``patch``, then each prefix kind present once, in sequence order (all registers are one kind)."""
+    return ("patch", *dict.fromkeys(layout.prefix_kinds))
+
+
+@dataclass(frozen=True)
+class TokenNorms:
+    """Token norm statistics, outliers and attention sinks per layer, over a set of images."""
+
+    layers: np.ndarray  # [L] int, 0-based block indices (output of that block, before the final norm)
+    kinds: tuple[str, ...]  # K token kinds: "patch", then "cls" / "dist" / "reg" as the model has them
+    bin_edges: np.ndarray  # [E + 1] the fixed norm bin edges (norm_bin_edges())
+    histograms: np.ndarray  # [K, L, E] int, tokens per norm bin
+    num_tokens: np.ndarray  # [K] int, tokens of each kind counted per layer (images x tokens of that kind)
+    norm_mean: np.ndarray  # [K, L] exact mean norm
+    norm_quantiles: np.ndarray  # [K, L, 4] median, 0.9, 0.99 (histogram, log-interpolated) and the exact maximum
+    threshold: float  # patch tokens with norm > threshold are outliers; inf when auto found no outlier population
+    threshold_auto: bool  # True when picked by auto_threshold
+    outlier_fraction: np.ndarray  # [L] fraction of patch tokens that are outliers
+    images_with_outliers: np.ndarray  # [L] fraction of images with at least one outlier patch token
+    outlier_map: np.ndarray  # [L, H, W] fraction of images in which that patch position is an outlier
+    prefix_kinds: tuple[str, ...]  # P prefix tokens in sequence order
+    cls_attention_prefix: np.ndarray  # [L, P] class query's attention on each prefix token (NaN without cls)
+    cls_attention_outliers: np.ndarray  # [L] class query's attention on outlier patch tokens (NaN without cls)
+    patch_attention_prefix: np.ndarray  # [L, P] mean patch query's attention on each prefix token
+    patch_attention_outliers: np.ndarray  # [L] mean patch query's attention on outlier patch tokens
+    num_images: int
+    grid_size: tuple[int, int]
+
+    def kind(self, name: str) -> int:
+        """Row of ``name`` in the ``[K, ...]`` arrays."""
+        return self.kinds.index(name)
+
+    def sink_shares(self, query: str) -> dict[str, np.ndarray]:
+        """Attention of the ``cls`` or mean ``patch`` query per layer on outliers, on all registers and on cls."""
+        prefix = self.cls_attention_prefix if query == "cls" else self.patch_attention_prefix  # [L, P]
+        outliers = self.cls_attention_outliers if query == "cls" else self.patch_attention_outliers
+        regs = [i for i, k in enumerate(self.prefix_kinds) if k == "reg"]
+        cls = [i for i, k in enumerate(self.prefix_kinds) if k == "cls"]
+        return {
+            "outliers": outliers,
+            "registers": prefix[:, regs].sum(axis=1) if regs else np.zeros(len(self.layers)),
+            "cls": prefix[:, cls[0]] if cls else np.full(len(self.layers), np.nan),
+        }
+
+
+def histogram_quantile(counts: np.ndarray, edges: np.ndarray, q: float) -> float:
+    """The ``q`` quantile of the values counted in ``counts`` on ``edges``, interpolated in log space in its bin."""
+    total = counts.sum()
+    if total == 0:
+        return float("nan")
+    cum = np.cumsum(counts)
+    b = int(np.searchsorted(cum, q * total, side="left"))
+    lo, hi = edges[b], edges[b + 1]
+    before = cum[b - 1] if b > 0 else 0
+    frac = (q * total - before) / counts[b]
+    if lo <= 0 or not np.isfinite(hi):  # the open end bins: their finite edge
+        return float(hi if lo <= 0 else lo)
+    return float(np.exp(np.log(lo) + frac * (np.log(hi) - np.log(lo))))
+
+
+def auto_threshold(counts: np.ndarray, edges: np.ndarray) -> float:
+    """The outlier threshold from the last layer's patch-token norm histogram (``counts`` on ``edges``).
+
+    Rule: above the median norm, find the widest run of (nearly) empty bins (at most AUTO_SPARSE_FRACTION of the
+    tokens each) that has tokens beyond it; if it spans at least AUTO_MIN_GAP_DECADES, the threshold is its
+    geometric middle (the valley of the log-norm histogram). Otherwise there is no separate high-norm population
+    and the threshold is infinite (no outliers).
+    """
+    total = int(counts.sum())
+    if total == 0:
+        return float("inf")
+    median = histogram_quantile(counts, edges, 0.5)
+    sparse = counts <= AUTO_SPARSE_FRACTION * total
+    occupied = np.flatnonzero(counts > 0)
+    last = int(occupied[-1])
+    start_bin = int(np.searchsorted(edges, median, side="right"))  # first bin wholly above the median's bin
+    best, best_width = None, 0
+    b = start_bin
+    while b < last:
+        if sparse[b]:
+            run_end = b
+            while run_end + 1 < last and sparse[run_end + 1]:
+                run_end += 1
+            if run_end - b + 1 > best_width:
+                best, best_width = (b, run_end), run_end - b + 1
+            b = run_end + 1
+        else:
+            b += 1
+    if best is None or best_width < AUTO_MIN_GAP_DECADES * BINS_PER_DECADE:
+        return float("inf")
+    lo, hi = edges[best[0]], edges[best[1] + 1]
+    return float(np.sqrt(lo * hi))
+
+
+class TokenNormAccumulator:
+    """Streams block outputs (and, with a threshold, attention) of chosen layers into :class:`TokenNorms`.
+
+    Call :meth:`update_attention` (optional) and then :meth:`update_block` for each layer of each batch, the order
+    in which a forward pass reaches them (attention inside the block, the block's output after it). Outliers are
+    flagged on the block's output; the attention of that same block is then split between them and the rest, so the
+    sink shares of layer ``l`` say how much of layer ``l``'s attention goes to the tokens that are outliers after
+    layer ``l`` (high-norm tokens, once they appear, stay high-norm in the following layers).
+
+    Args:
+        layout: the model's token layout.
+        layers: the 0-based layers that will be fed, in any order.
+        threshold: patch tokens with norm above it are outliers; None to collect the norm statistics only (the
+            first pass of the auto threshold).
+    """
+
+    def __init__(self, layout: TokenLayout, layers: Sequence[int], *, threshold: float | None = None) -> None:
+        self.layout = layout
+        self.layers = [int(x) for x in layers]
+        self.row = {layer: i for i, layer in enumerate(self.layers)}
+        self.threshold = threshold
+        self.kinds = token_kinds(layout)
+        self.edges = norm_bin_edges()
+        n_l, n_k, n_e = len(self.layers), len(self.kinds), len(self.edges) - 1
+        p, (h, w) = layout.num_prefix_tokens, layout.grid_size
+        self.kind_index = {
+            kind: [i for i, k in enumerate(layout.prefix_kinds) if k == kind] for kind in self.kinds[1:]
+        }  # sequence indices of each prefix kind
+        self.hist = np.zeros((n_k, n_l, n_e), dtype=np.int64)
+        self.norm_sum = np.zeros((n_k, n_l))
+        self.norm_max = np.full((n_k, n_l), -np.inf)
+        self.count = np.zeros(n_k, dtype=np.int64)
+        self.outliers = np.zeros(n_l, dtype=np.int64)
+        self.images_with = np.zeros(n_l, dtype=np.int64)
+        self.position = np.zeros((n_l, h * w), dtype=np.int64)
+        self.cls_prefix = np.zeros((n_l, p))
+        self.cls_outliers = np.zeros(n_l)
+        self.patch_prefix = np.zeros((n_l, p))
+        self.patch_outliers = np.zeros(n_l)
+        self.num_images = 0
+        self._attn: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
+        self._attn_seen = np.zeros(n_l, dtype=bool)
+
+    def update_attention(self, layer: int, attn: torch.Tensor) -> None:
+        """Keep the class query's and the mean patch query's attention rows ``[B, N]`` (head mean) of ``layer``."""
+        check_attention(attn, self.layout)
+        a = attn.detach().to(torch.float64)
+        patch = self.layout.patch_slice
+        cls_row = a[:, :, self.layout.token_index("cls"), :].mean(dim=1) if self.layout.has_class_token else None
+        patch_row = a[:, :, patch, :].mean(dim=(1, 2))  # [B, N] mean patch query, head mean
+        self._attn[layer] = (cls_row, patch_row)
+
+    def update_block(self, layer: int, tokens: torch.Tensor) -> None:
+        """Count the norms of ``tokens [B, N, D]`` (output of block ``layer``); with a threshold, its outliers."""
+        layout, r = self.layout, self.row[layer]
+        if tokens.ndim != 3 or tokens.shape[1] != layout.num_tokens:
+            raise VitlensError(f"expected block output [B, {layout.num_tokens}, D], got {list(tokens.shape)}")
+        norms = torch.linalg.vector_norm(tokens.detach().to(torch.float64), dim=-1)  # [B, N]
+        if not torch.isfinite(norms).all():
+            raise VitlensError(f"the output of block {layer} has NaN/inf values: its token norms are undefined")
+        batch = norms.shape[0]
+        if r == 0:
+            self.num_images += batch
+        groups = {"patch": norms[:, layout.patch_slice]}  # [B, HW]
+        for kind, idx in self.kind_index.items():
+            groups[kind] = norms[:, idx]  # [B, n_kind]
+        for k, kind in enumerate(self.kinds):
+            values = groups[kind].reshape(-1).cpu().numpy()
+            self.hist[k, r] += np.histogram(values, bins=self.edges)[0]
+            self.norm_sum[k, r] += values.sum()
+            self.norm_max[k, r] = max(self.norm_max[k, r], values.max())
+            if r == 0:
+                self.count[k] += values.size
+        if self.threshold is None:
+            return
+        mask = groups["patch"] > self.threshold  # [B, HW]
+        self.outliers[r] += int(mask.sum())
+        self.images_with[r] += int(mask.any(dim=1).sum())
+        self.position[r] += mask.sum(dim=0).cpu().numpy()
+        if layer in self._attn:
+            cls_row, patch_row = self._attn.pop(layer)
+            self._attn_seen[r] = True
+            prefix, patches = layout.prefix_slice, layout.patch_slice
+            self.patch_prefix[r] += patch_row[:, prefix].sum(dim=0).cpu().numpy()
+            self.patch_outliers[r] += float((patch_row[:, patches] * mask).sum())
+            if cls_row is not None:
+                self.cls_prefix[r] += cls_row[:, prefix].sum(dim=0).cpu().numpy()
+                self.cls_outliers[r] += float((cls_row[:, patches] * mask).sum())
+
+    def result(self) -> TokenNorms:
+        """The statistics so far.
+
+        Raises:
+            VitlensError: no image was fed.
+        """
+        if self.num_images == 0:
+            raise VitlensError("no images were seen: token norms are undefined")
+        n, (h, w) = self.num_images, self.layout.grid_size
+        quantiles = np.zeros((*self.norm_sum.shape, len(QUANTILES) + 1))
+        for k in range(len(self.kinds)):
+            for r in range(len(self.layers)):
+                qs = [histogram_quantile(self.hist[k, r], self.edges, q) for q in QUANTILES]
+                quantiles[k, r] = [*np.minimum(qs, self.norm_max[k, r]), self.norm_max[k, r]]  # max is exact
+        no_attn = ~self._attn_seen
+        threshold = float("inf") if self.threshold is None else float(self.threshold)
+        cls_prefix, cls_out = self.cls_prefix / n, self.cls_outliers / n
+        patch_prefix, patch_out = self.patch_prefix / n, self.patch_outliers / n
+        if not self.layout.has_class_token:
+            cls_prefix, cls_out = np.full_like(cls_prefix, np.nan), np.full_like(cls_out, np.nan)
+        for arr in (cls_prefix, cls_out, patch_prefix, patch_out):
+            arr[no_attn] = np.nan  # layers whose attention was not captured
+        return TokenNorms(
+            layers=np.asarray(self.layers, dtype=np.int64),
+            kinds=self.kinds,
+            bin_edges=self.edges,
+            histograms=self.hist.copy(),
+            num_tokens=self.count.copy(),
+            norm_mean=self.norm_sum / self.count[:, None],
+            norm_quantiles=quantiles,
+            threshold=threshold,
+            threshold_auto=False,
+            outlier_fraction=self.outliers / (n * h * w),
+            images_with_outliers=self.images_with / n,
+            outlier_map=(self.position / n).reshape(len(self.layers), h, w),  # row-major patch order -> [L, H, W]
+            prefix_kinds=tuple(self.layout.prefix_kinds),
+            cls_attention_prefix=cls_prefix,
+            cls_attention_outliers=cls_out,
+            patch_attention_prefix=patch_prefix,
+            patch_attention_outliers=patch_out,
+            num_images=n,
+            grid_size=(h, w),
+        )

@@ -1,0 +1,150 @@
+"""`vitlens tokens`: residual-stream token norms, high-norm outlier tokens and attention sinks (Darcet et al. 2023)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from vitlens import defaults
+from vitlens.cli.console import out_console, print_json, progress_bar, run_metadata
+from vitlens.cli.options import (
+    ArchOpt,
+    BatchSizeOpt,
+    CheckpointKeyOpt,
+    CropPctOpt,
+    DataOpt,
+    DataRootOpt,
+    DeviceOpt,
+    DownloadOpt,
+    FormatOpt,
+    ImgSizeOpt,
+    InterpolationOpt,
+    JsonOpt,
+    MeanOpt,
+    ModelArg,
+    ModelKwargsOpt,
+    ModelOptions,
+    NumHeadsOpt,
+    NumImagesOpt,
+    OutOpt,
+    PretrainedOpt,
+    QuietOpt,
+    SplitOpt,
+    StdOpt,
+    check_format,
+)
+from vitlens.device import resolve_batch_size
+from vitlens.errors import ParameterError
+
+if TYPE_CHECKING:
+    from vitlens.definitions.tokens import TokensResult
+
+LayersOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--layer",
+        help="Block(s) whose outputs are measured, 0-based (negative from the end): i,j,... or 'all' (default).",
+        rich_help_panel="Tokens",
+    ),
+]
+NormThresholdOpt = Annotated[
+    str,
+    typer.Option(
+        "--norm-threshold",
+        help="Patch tokens with a larger L2 norm are outliers: a number, or 'auto' (the valley of the last layer's "
+        "log-norm histogram; two passes over the images).",
+        rich_help_panel="Tokens",
+    ),
+]
+
+
+def _parse_layers(text: str | None) -> list[int] | None:
+    if text is None or text.strip().lower() in ("", "all"):
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ParameterError("layers", f"layers must be comma-separated integers, not {text!r}") from None
+
+
+def tokens(
+    model: ModelArg = None,
+    arch: ArchOpt = None,
+    num_heads: NumHeadsOpt = None,
+    model_kwargs: ModelKwargsOpt = None,
+    img_size: ImgSizeOpt = None,
+    device: DeviceOpt = "auto",
+    pretrained: PretrainedOpt = True,
+    checkpoint_key: CheckpointKeyOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    crop_pct: CropPctOpt = None,
+    interpolation: InterpolationOpt = None,
+    data: DataOpt = "digits",
+    split: SplitOpt = "test",
+    num_images: NumImagesOpt = defaults.TOKENS_NUM_IMAGES,
+    data_root: DataRootOpt = None,
+    download: DownloadOpt = False,
+    batch_size: BatchSizeOpt = None,
+    layers: LayersOpt = None,
+    norm_threshold: NormThresholdOpt = defaults.TOKENS_NORM_THRESHOLD,
+    out: OutOpt = Path("vitlens-out"),
+    fmt: FormatOpt = "png",
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Token norms per layer, high-norm outlier tokens and attention sinks (Darcet et al. 2023).
+
+    Writes tokens.{png,npz,json} to --out.
+    """
+    from vitlens.data import open_dataset
+    from vitlens.definitions.tokens import tokens as compute
+
+    started = time.perf_counter()
+    fmt = check_format(fmt)
+    chosen = _parse_layers(layers)
+    vit = ModelOptions.of(locals()).load()
+    batch_size = resolve_batch_size(batch_size, vit.device)
+    dataset = open_dataset(
+        data, vit.preprocess, split=split, num_images=num_images, data_root=data_root, download=download
+    )
+    with progress_bar("token norms", enabled=not quiet) as progress:
+        result = compute(
+            vit, dataset, layers=chosen, norm_threshold=norm_threshold, batch_size=batch_size, progress=progress
+        )
+    meta = run_metadata(started, command="tokens", device=str(vit.device), batch_size=batch_size)
+    files = result.save(out, fmt, meta=meta)
+    if json_:
+        print_json({**result.to_dict(), "files": [str(f) for f in files], "meta": meta})
+    elif not quiet:
+        _summarise(result, out, files)
+
+
+def _summarise(result: TokensResult, out: Path, files: list[Path]) -> None:
+    from rich.table import Table
+
+    t = result.norms
+    p = t.kind("patch")
+    table = Table(title=f"token norms: {result.source}, {t.num_images} images of {result.data}", title_justify="left")
+    for name in ("layer", "patch mean", "median", "0.99", "max", "outliers", "images", "cls->outliers"):
+        table.add_column(name, justify="right")
+    sinks = t.sink_shares("cls")["outliers"]
+    for r, layer in enumerate(t.layers):
+        q = t.norm_quantiles[p, r]
+        table.add_row(
+            str(int(layer)),
+            f"{t.norm_mean[p, r]:.3g}",
+            f"{q[0]:.3g}",
+            f"{q[2]:.3g}",
+            f"{q[3]:.3g}",
+            f"{100 * t.outlier_fraction[r]:.2f}%",
+            f"{100 * t.images_with_outliers[r]:.0f}%",
+            "n/a" if sinks[r] != sinks[r] else f"{sinks[r]:.3f}",
+        )
+    console = out_console()
+    console.print(table)
+    console.print(result.summary())
+    console.print(f"wrote {', '.join(f.name for f in files)} to {out}")

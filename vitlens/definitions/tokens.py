@@ -1,0 +1,329 @@
+"""tokens: residual-stream token norms, high-norm outlier tokens and attention sinks (Darcet et al. 2023)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vitlens import defaults
+from vitlens.errors import ParameterError
+from vitlens.registry import Definition, register
+from vitlens.result import Result
+
+if TYPE_CHECKING:
+    import os
+    from collections.abc import Sequence
+
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+    from vitlens.analysis.tokens import TokenNorms
+    from vitlens.attention import Progress
+    from vitlens.data import ImageDataset, Split
+    from vitlens.models.vit import ViT
+
+_QUANTILE_KEYS = ("0.5", "0.9", "0.99", "max")
+_ARRAYS = (
+    "layers",
+    "bin_edges",
+    "histograms",
+    "num_tokens",
+    "norm_mean",
+    "norm_quantiles",
+    "outlier_fraction",
+    "images_with_outliers",
+    "outlier_map",
+    "cls_attention_prefix",
+    "cls_attention_outliers",
+    "patch_attention_prefix",
+    "patch_attention_outliers",
+)
+
+
+def _num(value: Any) -> float | None:
+    import math
+
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class TokensResult(Result):
+    """Token norms per layer and kind, outlier tokens and attention sinks, over a set of images.
+
+    Attributes:
+        norms: the statistics (:class:`~vitlens.analysis.tokens.TokenNorms`).
+        source: the model it came from.
+        data: the data spec of the images (:attr:`vitlens.data.ImageDataset.spec`).
+        prefix_tokens: the kinds of the prefix tokens in sequence order (``cls``, ``dist``, ``reg``).
+    """
+
+    norms: TokenNorms
+    source: str
+    data: str
+    prefix_tokens: tuple[str, ...]
+
+    analysis = "tokens"
+    stem = "tokens"
+
+    def to_dict(self) -> dict[str, Any]:
+        t = self.norms
+        per_layer = []
+        for r, layer in enumerate(t.layers):
+            entry: dict[str, Any] = {
+                "layer": int(layer),
+                "norm_mean": {kind: _num(t.norm_mean[k, r]) for k, kind in enumerate(t.kinds)},
+                "norm_quantiles": {
+                    kind: dict(zip(_QUANTILE_KEYS, (_num(v) for v in t.norm_quantiles[k, r]), strict=True))
+                    for k, kind in enumerate(t.kinds)
+                },
+                "outlier_fraction": float(t.outlier_fraction[r]),
+                "images_with_outliers": float(t.images_with_outliers[r]),
+            }
+            for query in ("cls", "patch"):
+                shares = t.sink_shares(query)
+                entry[f"sink_share_{query}"] = {name: _num(v[r]) for name, v in shares.items()}
+            regs = [i for i, k in enumerate(t.prefix_kinds) if k == "reg"]
+            entry["register_attention"] = [_num(t.patch_attention_prefix[r, i]) for i in regs]
+            per_layer.append(entry)
+        return {
+            "source": self.source,
+            "data": self.data,
+            "num_images": t.num_images,
+            "grid_size": list(t.grid_size),
+            "threshold": _num(t.threshold),
+            "threshold_auto": t.threshold_auto,
+            "kinds": list(t.kinds),
+            "num_tokens": {kind: int(t.num_tokens[k]) for k, kind in enumerate(t.kinds)},
+            "layers": per_layer,
+            "histograms_file": f"{self.stem}.npz",
+            "prefix_tokens": list(self.prefix_tokens),
+        }
+
+    def summary(self) -> str:
+        t = self.norms
+        thr = "none found" if t.threshold == float("inf") else f"{t.threshold:.3g}"
+        return (
+            f"threshold {thr}{' (auto)' if t.threshold_auto else ''}; layer {int(t.layers[-1])}: "
+            f"{100 * t.outlier_fraction[-1]:.2f}% outlier patches, in {100 * t.images_with_outliers[-1]:.0f}% of "
+            f"{t.num_images} images"
+        )
+
+    def key_numbers(self) -> dict[str, Any]:
+        t = self.norms
+        return {
+            "data": self.data,
+            "num_images": t.num_images,
+            "threshold": _num(t.threshold),
+            "outlier_fraction_by_layer": [float(v) for v in t.outlier_fraction],
+        }
+
+    def plot(self, ax: Axes | None = None) -> Axes:
+        from vitlens.plotting.tokens import plot_token_norms
+
+        return plot_token_norms(self.norms, ax=ax)
+
+    def figure(self) -> Figure:
+        from vitlens.plotting.tokens import tokens_figure
+
+        return tokens_figure(self.norms)
+
+    def _write(self, out: Path, fmt: str, payload: dict[str, Any]) -> list[Path]:
+        import numpy as np
+
+        from vitlens.io import ensure_out_dir, write_json, write_npz
+        from vitlens.plotting.style import save_figure
+
+        t = self.norms
+        fig = self.figure()
+        out = ensure_out_dir(out)
+        arrays = {name: getattr(t, name) for name in _ARRAYS}
+        return [
+            write_npz(
+                out / "tokens.npz",
+                **arrays,
+                threshold=np.float64(t.threshold),
+                threshold_auto=np.bool_(t.threshold_auto),
+                num_images=np.int64(t.num_images),
+                grid_size=np.asarray(t.grid_size),
+            ),
+            write_json(out / "tokens.json", payload),
+            save_figure(fig, out / f"tokens.{fmt}", fmt=fmt),  # type: ignore[arg-type]
+        ]
+
+    @classmethod
+    def _read(cls, folder: Path, payload: dict[str, Any]) -> TokensResult:
+        import numpy as np
+
+        from vitlens.analysis.tokens import TokenNorms
+
+        with np.load(folder / "tokens.npz", allow_pickle=False) as npz:
+            h, w = (int(v) for v in npz["grid_size"])
+            norms = TokenNorms(
+                **{name: npz[name] for name in _ARRAYS},
+                kinds=tuple(payload["kinds"]),
+                threshold=float(npz["threshold"]),
+                threshold_auto=bool(npz["threshold_auto"]),
+                prefix_kinds=tuple(payload["prefix_tokens"]),
+                num_images=int(npz["num_images"]),
+                grid_size=(h, w),
+            )
+        return cls(norms, payload["source"], payload["data"], tuple(payload["prefix_tokens"]))
+
+
+def token_norms_for(
+    vit: ViT,
+    dataset: ImageDataset,
+    *,
+    layers: Sequence[int] | None = None,
+    threshold: float | None = None,
+    batch_size: int | None = None,
+    progress: Progress | None = None,
+    total: int | None = None,
+    offset: int = 0,
+) -> TokenNorms:
+    """One pass over ``dataset``: block outputs (and, with a threshold, attention) of ``layers`` into TokenNorms."""
+    import torch
+
+    from vitlens.analysis.tokens import TokenNormAccumulator
+    from vitlens.attention import capped_batch_size
+    from vitlens.data import iterate_batches
+    from vitlens.device import resolve_batch_size
+
+    chosen = sorted(set(vit_layers(vit, layers)))
+    acc = TokenNormAccumulator(vit.layout, chosen, threshold=threshold)
+    dtype = next(vit.model.parameters()).dtype
+    batch_size = resolve_batch_size(batch_size, vit.device)
+    if threshold is not None:
+        batch_size = capped_batch_size(vit, batch_size, dtype=dtype)
+    total = len(dataset) if total is None else total
+    attention = acc.update_attention if threshold is not None else None
+    with torch.inference_mode(), vit.hooks(attention=attention, blocks=acc.update_block, layers=chosen):
+        for batch in iterate_batches(dataset, batch_size=batch_size, device=vit.device):
+            vit.features(batch.images.to(dtype))
+            if progress is not None:
+                progress(offset + int(batch.indices[-1]) + 1, total)
+    return acc.result()
+
+
+def vit_layers(vit: ViT, layers: Sequence[int] | None) -> list[int]:
+    from vitlens.capture import resolve_layers
+
+    return resolve_layers(layers, vit.depth)
+
+
+def tokens(
+    vit: ViT,
+    data: ImageDataset | str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    layers: Sequence[int] | None = None,
+    norm_threshold: float | str = defaults.TOKENS_NORM_THRESHOLD,
+    num_images: int | None = None,
+    split: Split = "test",
+    batch_size: int | None = None,
+    progress: Progress | None = None,
+) -> TokensResult:
+    """Token norms of the residual stream, high-norm outlier tokens and attention sinks (Darcet et al. 2023).
+
+    For every image and chosen layer, the L2 norm of every token after the block (before the final norm) is counted
+    on fixed log-spaced bins (64 per decade, so quantiles are within 3.7 %; mean and maximum are exact), separately
+    for patch tokens and each prefix kind. Patch tokens above the threshold are outliers: per layer the fraction
+    of them, the fraction of images with one, and how often each grid position is one. Sink shares: the share of
+    the class query's (and of the mean patch query's) attention, head-averaged, that lands on outliers, registers
+    and the class token. Streaming: memory does not grow with the number of images; results do not depend on
+    ``batch_size``.
+
+    ``norm_threshold="auto"`` needs the last layer's distribution first, so it costs two passes over the images
+    (the first collects norms only); a number takes one. The auto rule
+    (:func:`vitlens.analysis.tokens.auto_threshold`): the geometric middle of the widest run of empty bins
+    (under 1e-4 of the tokens each), at least half a decade wide, above the median patch norm of the last chosen
+    layer; no such gap means no outliers (threshold infinite, ``null`` in JSON).
+
+    Args:
+        vit: the model (:func:`vitlens.load`).
+        data: an :class:`~vitlens.data.ImageDataset`, used whole, or a data spec opened with ``split`` and
+            ``num_images``.
+        layers: 0-based layers (negative from the end); all when None.
+        norm_threshold: ``"auto"`` or a positive number.
+        num_images: with a data spec, a stratified subset of this many images (default 128).
+        split: with a data spec, ``train``, ``test`` or ``all``.
+        batch_size: images per forward pass; None for the device's default.
+        progress: called as ``progress(done, total)``; with ``auto`` ``total`` counts both passes.
+
+    Raises:
+        ParameterError: a bad ``norm_threshold``, ``layers``, ``num_images``, ``split`` or ``batch_size``.
+        VitlensError: an unknown data spec, no image could be read, or NaN/inf block outputs.
+    """
+    import dataclasses
+
+    from vitlens.analysis.tokens import auto_threshold
+    from vitlens.data import ImageDataset, open_dataset
+
+    threshold = _check_threshold(norm_threshold)
+    if num_images is not None and num_images < 1:
+        raise ParameterError("num_images", f"num_images must be a positive number, not {num_images}")
+    if batch_size is not None and batch_size < 1:
+        raise ParameterError("batch_size", f"batch_size must be at least 1, not {batch_size}")
+    vit_layers(vit, layers)  # ParameterError before any image is read
+    if not isinstance(data, ImageDataset):
+        if num_images is None:
+            num_images = defaults.TOKENS_NUM_IMAGES
+        data = open_dataset(data, vit.preprocess, split=split, num_images=num_images)
+    elif num_images is not None:
+        raise ParameterError(
+            "num_images", "num_images applies to a data spec; a dataset is used whole (open it with num_images=)"
+        )
+    n = len(data)
+    opts = dict(layers=layers, batch_size=batch_size, progress=progress)
+    if threshold is None:  # auto: first pass for the last layer's distribution
+        if progress is not None:
+            progress(0, 2 * n)
+        first = token_norms_for(vit, data, **opts, total=2 * n)
+        picked = auto_threshold(first.histograms[first.kind("patch"), -1], first.bin_edges)
+        norms = token_norms_for(vit, data, **opts, threshold=picked, total=2 * n, offset=n)
+        norms = dataclasses.replace(norms, threshold_auto=True)
+    else:
+        if progress is not None:
+            progress(0, n)
+        norms = token_norms_for(vit, data, **opts, threshold=threshold)
+    return TokensResult(norms, vit.source, data.spec, tuple(vit.layout.prefix_kinds))
+
+
+def _check_threshold(value: float | str) -> float | None:
+    """None for auto, else the positive finite number."""
+    import math
+
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return None
+        try:
+            value = float(text)
+        except ValueError:
+            raise ParameterError(
+                "norm_threshold", f"norm_threshold must be 'auto' or a positive number, not {value!r}"
+            ) from None
+    if isinstance(value, bool) or not math.isfinite(float(value)) or float(value) <= 0:
+        raise ParameterError("norm_threshold", f"norm_threshold must be 'auto' or a positive number, not {value!r}")
+    return float(value)
+
+
+def _section(run: Any) -> TokensResult:
+    dataset = run.open(run.data, split=run.split, num_images=run.num_images)
+    return tokens(run.vit, dataset, batch_size=run.batch_size)
+
+
+DEFINITION = register(
+    Definition(
+        name="tokens",
+        title="token norms and outliers",
+        paper="Darcet et al. 2023, Vision Transformers Need Registers",
+        result=TokensResult,
+        compute=tokens,
+        section=_section,
+        needs_data=True,
+        order=35,
+        command="vitlens.cli.tokens:tokens",
+    )
+)
