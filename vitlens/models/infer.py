@@ -35,7 +35,6 @@ HEAD_TABLE: dict[int, tuple[tuple[int, str, str], ...]] = {
     ),
     1664: ((16, "vit", "ViT-bigG/14 of open_clip (width 1664, head width 104)"),),
 }
-_CNN_HINTS = ("conv1.weight", "layer1.0.conv1.weight", "stem.0.weight", "stages.0", "features.0.weight")
 
 
 @dataclass
@@ -82,10 +81,6 @@ def heads_for_width(embed_dim: int, num_heads: int | None, family: str | None = 
     )
 
 
-def looks_like_cnn(keys: list[str]) -> bool:
-    return any(any(k.startswith(h) for h in _CNN_HINTS) for k in keys)
-
-
 def infer_from_state_dict(
     sd: dict[str, torch.Tensor],
     *,
@@ -104,9 +99,7 @@ def infer_from_state_dict(
     """
     keys = list(sd)
     proj = sd.get("patch_embed.proj.weight")
-    if proj is None or "blocks.0.attn.qkv.weight" not in sd:
-        if looks_like_cnn(keys):
-            raise VitlensError("this checkpoint is a CNN (ResNet/ConvNeXt-style keys), not a Vision Transformer")
+    if proj is None or "blocks.0.attn.qkv.weight" not in sd:  # callers detect the layout first: a damaged one
         sample = ", ".join(keys[:5]) or "none"
         raise VitlensError(
             f"this is not a timm ViT state dict (no patch_embed.proj.weight / blocks.0.attn.qkv.weight; "
