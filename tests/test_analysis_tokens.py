@@ -1,6 +1,7 @@
 """Token norms, outliers and sinks on tiny fixtures: a planted high-norm token is found at its layer and position,
 a plain model has none, the norm statistics equal a plain computation from timm's ``forward_intermediates``,
-sink shares equal a plain computation from captured attention, and nothing depends on the batch size."""
+sink shares equal a plain computation from captured attention, the neighbour similarity of the input patches
+equals a plain loop over the grid, and nothing depends on the batch size."""
 
 from __future__ import annotations
 
@@ -147,6 +148,54 @@ def test_sink_shares_equal_the_captured_attention(name):
     assert result.sink_shares("cls")["outliers"][PLANT_LAYER] > 0
 
 
+def _plain_neighbour_similarity(embeddings: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """[B, H*W]: loop over the patches, torch's cosine similarity to each 4-neighbour on the grid, their mean."""
+    out = torch.zeros(embeddings.shape[:2], dtype=torch.float64)
+    e = embeddings.double()
+    for i in range(h):
+        for j in range(w):
+            near = [(i + di, j + dj) for di, dj in ((-1, 0), (1, 0), (0, -1), (0, 1))]
+            near = [(a, b) for a, b in near if 0 <= a < h and 0 <= b < w]
+            sims = [torch.nn.functional.cosine_similarity(e[:, i * w + j], e[:, a * w + b], dim=-1) for a, b in near]
+            out[:, i * w + j] = torch.stack(sims).mean(dim=0)
+    return out
+
+
+@pytest.mark.parametrize("name", ["nonsquare", "reg"])
+def test_neighbour_similarity_equals_a_plain_loop(name):
+    vit = _vit(name, planted=True)
+    data = _data(vit)
+    result = tokens(vit, data, norm_threshold=50.0, batch_size=4).norms
+    h, w = vit.layout.grid_size
+    images = _images(data)
+    with torch.no_grad():
+        embeddings = vit.model.patch_embed(images)  # [B, H*W, D] before position embeddings
+        out = vit.model.forward_intermediates(
+            images, indices=[0, 1, 2], output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
+        )
+    sim = _plain_neighbour_similarity(embeddings, h, w)
+    for r, (patches, _prefix) in enumerate(out):
+        outlier = patches.norm(dim=-1) > 50.0  # [B, H*W]
+        expected_normal = float(sim[~outlier].mean())
+        assert result.neighbour_similarity_normal[r] == pytest.approx(expected_normal, abs=1e-9)
+        if outlier.any():
+            expected = float(sim[outlier].mean())
+            assert result.neighbour_similarity_outliers[r] == pytest.approx(expected, abs=1e-9)
+        else:
+            assert np.isnan(result.neighbour_similarity_outliers[r])
+    assert not np.isnan(result.neighbour_similarity_outliers[PLANT_LAYER])
+
+
+@pytest.mark.parametrize("name", ["reg", "gap"])
+def test_planted_outlier_has_finite_neighbour_similarities(name):
+    vit = _vit(name, planted=True)
+    result = tokens(vit, _data(vit)).norms  # auto: the second pass measures the similarity
+    assert np.isfinite(result.neighbour_similarity_outliers[PLANT_LAYER:]).all()
+    assert np.isfinite(result.neighbour_similarity_normal).all()
+    assert np.isnan(result.neighbour_similarity_outliers[:PLANT_LAYER]).all()  # no outlier before the plant
+    assert (np.abs(result.neighbour_similarity_normal) <= 1).all()
+
+
 def test_results_do_not_depend_on_the_batch_size():
     vit = _vit("reg", planted=True)
     data = _data(vit, 7)
@@ -156,6 +205,8 @@ def test_results_do_not_depend_on_the_batch_size():
     np.testing.assert_allclose(a.norm_mean, b.norm_mean, rtol=1e-6)
     np.testing.assert_allclose(a.patch_attention_prefix, b.patch_attention_prefix, rtol=1e-5)
     np.testing.assert_allclose(a.cls_attention_outliers, b.cls_attention_outliers, rtol=1e-5)
+    np.testing.assert_allclose(a.neighbour_similarity_outliers, b.neighbour_similarity_outliers, rtol=1e-6)
+    np.testing.assert_allclose(a.neighbour_similarity_normal, b.neighbour_similarity_normal, rtol=1e-6)
     assert a.threshold == b.threshold
 
 

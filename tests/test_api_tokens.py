@@ -45,6 +45,8 @@ def test_result_facts_and_payload(demo, dataset, result):
     layer = payload["layers"][-1]
     for key in ("norm_mean", "norm_quantiles", "outlier_fraction", "images_with_outliers", "sink_share_cls"):
         assert key in layer
+    assert layer["neighbour_similarity_normal"] == pytest.approx(float(t.neighbour_similarity_normal[-1]))
+    assert -1 <= layer["neighbour_similarity_normal"] <= 1
     assert list(layer["norm_quantiles"]["patch"]) == ["0.5", "0.9", "0.99", "max"]
     q = layer["norm_quantiles"]["patch"]
     assert q["0.5"] <= q["0.9"] <= q["0.99"] <= q["max"]
@@ -92,6 +94,7 @@ def test_save_writes_the_cli_files_and_reads_back_equal(result, tmp_path):
     assert back != dataclasses.replace(result, data="other")
     with np.load(tmp_path / "tokens.npz") as npz:
         np.testing.assert_array_equal(npz["histograms"], result.norms.histograms)
+        np.testing.assert_array_equal(npz["neighbour_similarity_normal"], result.norms.neighbour_similarity_normal)
 
 
 def test_repr_summary(result):

@@ -55,6 +55,9 @@ def test_layers_threshold_and_summary(tmp_path):
     saved = json.loads((tmp_path / "tokens.json").read_text())
     assert [la["layer"] for la in saved["layers"]] == [1] and saved["threshold"] == 0.001
     assert saved["layers"][0]["outlier_fraction"] == 1.0 and saved["layers"][0]["images_with_outliers"] == 1.0
+    sim = saved["layers"][0]["neighbour_similarity_outliers"]  # every patch an outlier: no normal patch
+    assert saved["layers"][0]["neighbour_similarity_normal"] is None
+    assert f"outliers {sim:.3f}, normal patches n/a" in " ".join(result.stdout.split())
 
 
 @pytest.mark.parametrize(

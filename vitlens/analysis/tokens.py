@@ -1,6 +1,7 @@
 """Token norms of the residual stream and high-norm outlier tokens ("Vision Transformers Need Registers", Darcet
 et al. 2023): streaming histograms of every token's L2 norm after each block, outliers above a threshold, and how
-much attention lands on them, on the registers and on the class token.
+much attention lands on them, on the registers and on the class token, and whether their input patches are
+redundant (similar to their grid neighbours).
 
 Memory does not grow with the number of images: every statistic is a sum or a count on a fixed grid.
 """
@@ -60,6 +61,8 @@ class TokenNorms:
     cls_attention_outliers: np.ndarray  # [L] class query's attention on outlier patch tokens (NaN without cls)
     patch_attention_prefix: np.ndarray  # [L, P] mean patch query's attention on each prefix token
     patch_attention_outliers: np.ndarray  # [L] mean patch query's attention on outlier patch tokens
+    neighbour_similarity_outliers: np.ndarray  # [L] mean neighbour similarity of the outlier patches (NaN: none)
+    neighbour_similarity_normal: np.ndarray  # [L] mean neighbour similarity of the other patches (NaN: none)
     num_images: int
     grid_size: tuple[int, int]
 
@@ -93,6 +96,32 @@ def histogram_quantile(counts: np.ndarray, edges: np.ndarray, q: float) -> float
     if lo <= 0 or not np.isfinite(hi):  # the open end bins: their finite edge
         return float(hi if lo <= 0 else lo)
     return float(np.exp(np.log(lo) + frac * (np.log(hi) - np.log(lo))))
+
+
+def neighbour_similarity(embeddings: torch.Tensor, grid_size: tuple[int, int]) -> torch.Tensor:
+    """Each patch's mean cosine similarity to its 4-neighbours on the grid, ``[B, H*W]`` (float64).
+
+    ``embeddings [B, H*W, D]`` are the input patch embeddings in row-major grid order (or ``[B, H, W, D]``). Only
+    the neighbours that exist count: 2 at a corner, 3 on an edge, 4 inside; NaN on a 1 x 1 grid (none).
+    """
+    h, w = grid_size
+    b, d = embeddings.shape[0], embeddings.shape[-1]
+    if embeddings.numel() != b * h * w * d:
+        raise VitlensError(f"expected patch embeddings [B, {h * w}, D], got {list(embeddings.shape)}")
+    e = torch.nn.functional.normalize(embeddings.detach().to(torch.float64).reshape(b, h, w, d), dim=-1)
+    total = torch.zeros(b, h, w, dtype=torch.float64, device=e.device)
+    count = torch.zeros(h, w, dtype=torch.float64, device=e.device)
+    across = (e[:, :, :-1] * e[:, :, 1:]).sum(dim=-1)  # [B, H, W-1] left-right pairs
+    down = (e[:, :-1] * e[:, 1:]).sum(dim=-1)  # [B, H-1, W] up-down pairs
+    total[:, :, :-1] += across
+    total[:, :, 1:] += across
+    total[:, :-1] += down
+    total[:, 1:] += down
+    count[:, :-1] += 1
+    count[:, 1:] += 1
+    count[:-1] += 1
+    count[1:] += 1
+    return (total / count).reshape(b, h * w)  # 0 / 0 = NaN without neighbours
 
 
 def auto_threshold(counts: np.ndarray, edges: np.ndarray) -> float:
@@ -168,6 +197,9 @@ class TokenNormAccumulator:
         self.cls_outliers = np.zeros(n_l)
         self.patch_prefix = np.zeros((n_l, p))
         self.patch_outliers = np.zeros(n_l)
+        self.similarity_sum = np.zeros((2, n_l))  # [outliers, normal] sums of the neighbour similarity
+        self.similarity_count = np.zeros((2, n_l), dtype=np.int64)
+        self._similarity: torch.Tensor | None = None  # [B, HW] neighbour similarity of the current batch
         self.num_images = 0
         self._attn: dict[int, tuple[torch.Tensor | None, torch.Tensor]] = {}
         self._attn_seen = np.zeros(n_l, dtype=bool)
@@ -180,6 +212,11 @@ class TokenNormAccumulator:
         cls_row = a[:, :, self.layout.token_index("cls"), :].mean(dim=1) if self.layout.has_class_token else None
         patch_row = a[:, :, patch, :].mean(dim=(1, 2))  # [B, N] mean patch query, head mean
         self._attn[layer] = (cls_row, patch_row)
+
+    def update_embeddings(self, embeddings: torch.Tensor) -> None:
+        """Keep the neighbour similarity of this batch's input patch embeddings (the patch projection's output
+        ``[B, H*W, D]``, before position embeddings); call it before the batch's :meth:`update_block` calls."""
+        self._similarity = neighbour_similarity(embeddings, self.layout.grid_size)
 
     def update_block(self, layer: int, tokens: torch.Tensor) -> None:
         """Count the norms of ``tokens [B, N, D]`` (output of block ``layer``); with a threshold, its outliers."""
@@ -208,6 +245,14 @@ class TokenNormAccumulator:
         self.outliers[r] += int(mask.sum())
         self.images_with[r] += int(mask.any(dim=1).sum())
         self.position[r] += mask.sum(dim=0).cpu().numpy()
+        if self._similarity is not None:
+            if self._similarity.shape != mask.shape:
+                raise VitlensError(f"patch embeddings of {self._similarity.shape[0]} images, block output of {batch}")
+            sim = self._similarity.to(mask.device)
+            valid = ~torch.isnan(sim)  # patches with at least one neighbour
+            for i, chosen in enumerate((mask & valid, ~mask & valid)):
+                self.similarity_sum[i, r] += float(sim[chosen].sum())
+                self.similarity_count[i, r] += int(chosen.sum())
         if layer in self._attn:
             cls_row, patch_row = self._attn.pop(layer)
             self._attn_seen[r] = True
@@ -240,6 +285,8 @@ class TokenNormAccumulator:
             cls_prefix, cls_out = np.full_like(cls_prefix, np.nan), np.full_like(cls_out, np.nan)
         for arr in (cls_prefix, cls_out, patch_prefix, patch_out):
             arr[no_attn] = np.nan  # layers whose attention was not captured
+        counts = self.similarity_count
+        similarity = np.divide(self.similarity_sum, counts, out=np.full(counts.shape, np.nan), where=counts > 0)
         return TokenNorms(
             layers=np.asarray(self.layers, dtype=np.int64),
             kinds=self.kinds,
@@ -258,6 +305,8 @@ class TokenNormAccumulator:
             cls_attention_outliers=cls_out,
             patch_attention_prefix=patch_prefix,
             patch_attention_outliers=patch_out,
+            neighbour_similarity_outliers=similarity[0],
+            neighbour_similarity_normal=similarity[1],
             num_images=n,
             grid_size=(h, w),
         )

@@ -147,4 +147,10 @@ def _summarise(result: TokensResult, out: Path, files: list[Path]) -> None:
     console = out_console()
     console.print(table)
     console.print(result.summary())
+    sim = [t.neighbour_similarity_outliers[-1], t.neighbour_similarity_normal[-1]]
+    out_sim, normal_sim = ("n/a" if v != v else f"{v:.3f}" for v in sim)
+    console.print(
+        f"input patch similarity to grid neighbours, layer {int(t.layers[-1])}: "
+        f"outliers {out_sim}, normal patches {normal_sim}"
+    )
     console.print(f"wrote {', '.join(f.name for f in files)} to {out}")

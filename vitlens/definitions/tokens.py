@@ -38,6 +38,8 @@ _ARRAYS = (
     "cls_attention_outliers",
     "patch_attention_prefix",
     "patch_attention_outliers",
+    "neighbour_similarity_outliers",
+    "neighbour_similarity_normal",
 )
 
 
@@ -86,6 +88,8 @@ class TokensResult(Result):
                 entry[f"sink_share_{query}"] = {name: _num(v[r]) for name, v in shares.items()}
             regs = [i for i, k in enumerate(t.prefix_kinds) if k == "reg"]
             entry["register_attention"] = [_num(t.patch_attention_prefix[r, i]) for i in regs]
+            entry["neighbour_similarity_outliers"] = _num(t.neighbour_similarity_outliers[r])
+            entry["neighbour_similarity_normal"] = _num(t.neighbour_similarity_normal[r])
             per_layer.append(entry)
         return {
             "source": self.source,
@@ -183,7 +187,10 @@ def token_norms_for(
     total: int | None = None,
     offset: int = 0,
 ) -> TokenNorms:
-    """One pass over ``dataset``: block outputs (and, with a threshold, attention) of ``layers`` into TokenNorms."""
+    """One pass over ``dataset``: block outputs (and, with a threshold, attention and the input patch embeddings
+    ``vit.model.patch_embed(x)``) of ``layers`` into TokenNorms."""
+    import contextlib
+
     import torch
 
     from vitlens.analysis.tokens import TokenNormAccumulator
@@ -199,7 +206,12 @@ def token_norms_for(
         batch_size = capped_batch_size(vit, batch_size, dtype=dtype)
     total = len(dataset) if total is None else total
     attention = acc.update_attention if threshold is not None else None
-    with torch.inference_mode(), vit.hooks(attention=attention, blocks=acc.update_block, layers=chosen):
+    with contextlib.ExitStack() as stack:
+        if threshold is not None:  # the patch projection's output, before position embeddings
+            handle = vit.model.patch_embed.register_forward_hook(lambda _m, _i, out: acc.update_embeddings(out))
+            stack.callback(handle.remove)
+        stack.enter_context(torch.inference_mode())
+        stack.enter_context(vit.hooks(attention=attention, blocks=acc.update_block, layers=chosen))
         for batch in iterate_batches(dataset, batch_size=batch_size, device=vit.device):
             vit.features(batch.images.to(dtype))
             if progress is not None:
@@ -231,8 +243,10 @@ def tokens(
     for patch tokens and each prefix kind. Patch tokens above the threshold are outliers: per layer the fraction
     of them, the fraction of images with one, and how often each grid position is one. Sink shares: the share of
     the class query's (and of the mean patch query's) attention, head-averaged, that lands on outliers, registers
-    and the class token. Streaming: memory does not grow with the number of images; results do not depend on
-    ``batch_size``.
+    and the class token. Redundant patches: per layer, the mean over its outlier patches (and over its other
+    patches) of a patch's mean cosine similarity, in the input patch embedding ``vit.model.patch_embed(x)``, to its
+    4-neighbours on the grid (NaN where there are none). Streaming: memory does not grow with the number of
+    images; results do not depend on ``batch_size``.
 
     ``norm_threshold="auto"`` needs the last layer's distribution first, so it costs two passes over the images
     (the first collects norms only); a number takes one. The auto rule
