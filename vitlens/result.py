@@ -151,6 +151,12 @@ def finite(obj: Any) -> Any:
     return obj
 
 
+def int_pair(values: Any) -> tuple[int, int]:
+    """Two integers (a grid or patch size) from a list read back from JSON / NPZ, or from a layout's tuple."""
+    first, second = (int(v) for v in values)
+    return first, second
+
+
 def load_result(folder: str | os.PathLike, analysis: str | None = None) -> Result:
     """Read a saved analysis (``result.save(folder)``, a CLI command's ``--out`` or a report folder) back.
 

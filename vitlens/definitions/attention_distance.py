@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from vitlens import defaults
 from vitlens.errors import ParameterError
 from vitlens.registry import Definition, register
-from vitlens.result import Result
+from vitlens.result import Result, int_pair
 
 if TYPE_CHECKING:
     import os
@@ -134,8 +134,8 @@ class AttentionDistanceResult(Result):
                 num_images=int(npz["num_images"]),
                 renormalized=bool(npz["renormalized"]),
                 uniform_px=float(npz["uniform_px"]),
-                patch_size=_pair(npz["patch_size"]),
-                grid_size=_pair(npz["grid_size"]),
+                patch_size=int_pair(npz["patch_size"]),
+                grid_size=int_pair(npz["grid_size"]),
             )
         return cls(
             distance,
@@ -145,11 +145,6 @@ class AttentionDistanceResult(Result):
             int(payload["num_heads"]),
             tuple(payload["prefix_tokens"]),
         )
-
-
-def _pair(values: Any) -> tuple[int, int]:
-    first, second = (int(v) for v in values)
-    return first, second
 
 
 def attention_distance(

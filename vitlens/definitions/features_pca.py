@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from vitlens import defaults
 from vitlens.errors import ParameterError, VitlensError
 from vitlens.registry import Definition, register
-from vitlens.result import Result
+from vitlens.result import Result, int_pair
 
 if TYPE_CHECKING:
     import torch
@@ -187,7 +187,7 @@ class FeaturesPCAResult(Result):
             foreground_scores=arrays.get("foreground_scores"),
             foreground_component=arrays.get("foreground_component"),
             num_fit_patches=int(payload["num_fit_patches"]),
-            grid_size=tuple(int(s) for s in arrays["grid_size"]),  # type: ignore[arg-type]
+            grid_size=int_pair(arrays["grid_size"]),
         )
         return cls(
             pca,
@@ -196,7 +196,7 @@ class FeaturesPCAResult(Result):
             payload["data"],
             int(payload["layer"]),
             payload["tokens"],
-            tuple(int(p) for p in payload["patch_size"]),  # type: ignore[arg-type]
+            int_pair(payload["patch_size"]),
             tuple(payload.get("prefix_tokens", ())),
         )
 
@@ -304,7 +304,7 @@ def features_pca(
         dataset.spec,
         layer,
         FINAL_NORM if layer == vit.depth - 1 else BLOCK_OUTPUT,
-        tuple(int(p) for p in vit.layout.patch_size),  # type: ignore[arg-type]
+        int_pair(vit.layout.patch_size),
         tuple(vit.layout.prefix_kinds),
         photos,
     )

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from vitlens.errors import VitlensError
 from vitlens.registry import Definition, register
-from vitlens.result import Result
+from vitlens.result import Result, int_pair
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -115,9 +115,9 @@ class PosSimResult(Result):
                 pairs_by_distance=npz["pairs_by_distance"],
                 row_col_score=_float_or_none(payload["row_col_score"]),
                 neighbour_minus_far=_float_or_none(payload["neighbour_minus_far"]),
-                grid_size=_pair(npz["grid_size"]),
+                grid_size=int_pair(npz["grid_size"]),
             )
-        facts = (payload["source"], payload["arch"], _pair(payload["img_size"]), _pair(payload["patch_size"]))
+        facts = (payload["source"], payload["arch"], int_pair(payload["img_size"]), int_pair(payload["patch_size"]))
         return cls(sim, *facts, tuple(payload.get("prefix_tokens", ())))
 
 
@@ -135,11 +135,6 @@ def _signed(value: float | None) -> str:
 
 def _float_or_none(value: Any) -> float | None:
     return None if value is None else float(value)
-
-
-def _pair(values: Any) -> tuple[int, int]:
-    first, second = (int(v) for v in values)
-    return first, second
 
 
 def pos_sim(vit: ViT) -> PosSimResult:
@@ -166,7 +161,7 @@ def pos_sim(vit: ViT) -> PosSimResult:
         raise VitlensError("the position embedding has NaN/inf values: its similarities are undefined")
     sim = position_similarity(pos_embed, vit.layout)
     layout = vit.layout
-    facts = (vit.source, vit.arch, _pair(layout.img_size), _pair(layout.patch_size))
+    facts = (vit.source, vit.arch, int_pair(layout.img_size), int_pair(layout.patch_size))
     return PosSimResult(sim, *facts, tuple(layout.prefix_kinds))
 
 

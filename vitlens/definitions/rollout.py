@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from vitlens import defaults
 from vitlens.errors import ParameterError, VitlensError
 from vitlens.registry import Definition, register
-from vitlens.result import Result
+from vitlens.result import Result, int_pair
 
 if TYPE_CHECKING:
     import numpy as np
@@ -228,7 +228,7 @@ class RolloutResult(Result):
         with np.load(folder / "rollout.npz", allow_pickle=False) as npz:
             maps, patch_mass = npz["maps"], npz["patch_mass"]
             images = tuple(str(name) for name in npz["images"])
-            grid_size = tuple(int(s) for s in npz["grid_size"])
+            grid_size = int_pair(npz["grid_size"])
             heads = npz.get("heads")  # [B, heads, H, W], saved with per-head maps only
             heads_masks = npz.get("heads_masks")  # [B, heads, H, W] bool, saved with a threshold only
         rollout = Rollout(
@@ -248,7 +248,7 @@ class RolloutResult(Result):
             bool(payload["target_defaulted"]),
             payload["source"],
             payload["data"],
-            tuple(int(p) for p in payload["patch_size"]),  # type: ignore[arg-type]
+            int_pair(payload["patch_size"]),
             heads,
             None if heads is None else int(payload["heads_layer"]),
             tuple(payload.get("prefix_tokens", ())),
@@ -426,7 +426,7 @@ def rollout(
         defaulted,
         vit.source,
         dataset.spec,
-        tuple(int(p) for p in vit.layout.patch_size),  # type: ignore[arg-type]
+        int_pair(vit.layout.patch_size),
         heads,
         heads_layer,
         tuple(vit.layout.prefix_kinds),
