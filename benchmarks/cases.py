@@ -71,6 +71,14 @@ def _features(vit, dataset, batch_size: int) -> Callable[[], None]:
     return lambda: extract_features(vit, dataset, batch_size=batch_size)
 
 
+def _tokens(vit, dataset, batch_size: int, *, threshold: float | None) -> Callable[[], None]:
+    from vitlens.definitions.tokens import token_norms_for
+
+    # With a threshold: the counting pass (norms, attention of every layer, patch embeddings), the whole cost of
+    # `vitlens tokens --norm-threshold X`; without: the norms-only first pass that `auto` adds.
+    return lambda: token_norms_for(vit, dataset, batch_size=batch_size, threshold=threshold)
+
+
 def _numpy_mean_distance(attn: np.ndarray, layout) -> np.ndarray:
     """Mean attention distance the notebook way: every map in memory, one NumPy expression. ``attn`` is
     ``[layers, B, heads, N, N]``; returns ``[layers, heads]`` in pixels."""
@@ -137,6 +145,8 @@ METHODS: dict[str, Callable[..., Callable[[], None]]] = {
     "rollout-one-at-a-time": lambda vit, ds, _bs: _rollout(vit, ds, 1),
     "keep-every-map": _keep_every_map,
     "features": _features,
+    "tokens": lambda vit, ds, bs: _tokens(vit, ds, bs, threshold=1e9),
+    "tokens-norms-only": lambda vit, ds, bs: _tokens(vit, ds, bs, threshold=None),
 }
 
 
@@ -199,7 +209,7 @@ def memory(case: dict[str, Any]) -> dict[str, Any]:
     dtype = next(vit.model.parameters()).dtype
     # The streaming analyses lower the batch size to their attention-memory budget; record what they really ran.
     ran_batch = case["batch_size"]
-    if name in ("attention-distance", "rollout"):
+    if name in ("attention-distance", "rollout", "tokens"):
         ran_batch = capped_batch_size(vit, ran_batch, dtype=dtype)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -243,7 +253,55 @@ def fewshot(case: dict[str, Any]) -> dict[str, Any]:
     return {**case, **compare(vit, pool, test, repeats=case["repeats"], use_cache=False)}
 
 
-KINDS = {"speed": speed, "memory": memory, "fewshot": fewshot}
+def _collect_then_cka(vit, dataset, batch_size: int, tokens: str) -> None:
+    """torch_cka's way: every chosen layer's features of every image first, then one full-data CKA per pair."""
+    from vitlens.analysis.cka import linear_cka
+    from vitlens.data import iterate_batches
+
+    kept: dict[int, list[torch.Tensor]] = {}
+    layout = vit.layout
+
+    def keep(layer: int, out: torch.Tensor) -> None:
+        rows = out[:, layout.patch_slice]  # [B, H*W, D]
+        rows = rows.mean(dim=1) if tokens == "mean-patch" else rows.reshape(-1, rows.shape[-1])
+        kept.setdefault(layer, []).append(rows.float().cpu())
+
+    with torch.inference_mode(), vit.hooks(blocks=keep):
+        for batch in iterate_batches(dataset, batch_size=batch_size, device=vit.device):
+            vit.features(batch.images)
+    feats = [torch.cat(kept[layer]) for layer in sorted(kept)]  # [rows, D] per layer, all images
+    for x in feats:
+        for y in feats:
+            linear_cka(x, y)  # the n x n Gram of all rows: what keeping everything leads to
+
+
+def cka(case: dict[str, Any]) -> dict[str, Any]:
+    """One pass of ``case["method"]`` (plain-forward, cka or collect-then-cka) with ``case["tokens"]``, in a fresh
+    process: seconds, images/s and peak memory, as :func:`memory` measures them."""
+    from vitlens.definitions.cka import cka as compute
+
+    vit, dataset = _setup(case)
+    name, tokens, bs = case["method"], case["tokens"], case["batch_size"]
+    runs = {
+        "plain-forward": _forward(vit, dataset, bs or 8, fused=True),
+        "cka": lambda: compute(vit, dataset, tokens=tokens, minibatch_size=case["minibatch_size"], batch_size=bs),
+        "collect-then-cka": lambda: _collect_then_cka(vit, dataset, bs or 8, tokens),
+    }
+    if vit.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(vit.device)
+    rss_before = _max_rss_mib()
+    started = time.perf_counter()
+    runs[name]()
+    _sync(vit.device)
+    seconds = time.perf_counter() - started
+    out = {**case, "images": len(dataset), "seconds": seconds, "images_per_s": len(dataset) / seconds}
+    out["rss_growth_mib"] = _max_rss_mib() - rss_before
+    if vit.device.type == "cuda":
+        out["cuda_peak_mib"] = torch.cuda.max_memory_allocated(vit.device) / 2**20
+    return out
+
+
+KINDS = {"speed": speed, "memory": memory, "fewshot": fewshot, "cka": cka}
 
 
 if __name__ == "__main__":

@@ -17,12 +17,13 @@ from vitlens.analysis.tokens import (
     auto_threshold,
     histogram_quantile,
     norm_bin_edges,
+    token_image_maps,
 )
 from vitlens.capture import attention_capture
 from vitlens.data import open_dataset
 from vitlens.definitions.tokens import tokens
 from vitlens.errors import ParameterError
-from vitlens.layout import Preprocess
+from vitlens.layout import Preprocess, TokenLayout
 from vitlens.models.vit import ViT
 
 NUM_IMAGES = 6
@@ -236,3 +237,80 @@ def test_bad_threshold_names_its_parameter(bad):
     with pytest.raises(ParameterError) as info:
         tokens(vit, _data(vit), norm_threshold=bad)
     assert info.value.param == "norm_threshold"
+
+
+def _plain_query_attention(vit: ViT, x: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """The last block's query attention on the patches, head mean, written out from its weights: LayerNorm, qkv,
+    q k^T / sqrt(d) with the ``removed`` keys' logits at -inf, softmax. The query is the class token, or each patch
+    query's row averaged for models without one. ``x [B, N, D]`` is the block's input."""
+    layout, block = vit.layout, vit.model.blocks[-1]
+    b, n, _ = x.shape
+    heads = block.attn.num_heads
+    qkv = block.attn.qkv(block.norm1(x)).reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)  # [3, B, heads, N, hd]
+    q, k = block.attn.q_norm(qkv[0]), block.attn.k_norm(qkv[1])
+    logits = (q @ k.transpose(-2, -1)) / q.shape[-1] ** 0.5  # [B, heads, N, N]
+    logits = logits.masked_fill(removed[:, None, None, :], float("-inf"))
+    attn = logits.double().softmax(dim=-1)
+    rows = attn[:, :, [layout.token_index("cls")]] if layout.has_class_token else attn[:, :, layout.patch_slice]
+    return rows.mean(dim=(1, 2))[:, layout.patch_slice]  # [B, HW]
+
+
+@pytest.mark.parametrize("name", ["reg", "distilled", "gap", "nonsquare"])
+def test_per_image_maps_equal_a_plain_recomputation(name):
+    vit = _vit(name, planted=True)
+    data = _data(vit, 4)
+    result = tokens(vit, data, norm_threshold=50.0, images=data, batch_size=3)
+    maps, layout = result.image_maps, vit.layout
+    h, w = layout.grid_size
+    assert result.images == tuple(data.names) and maps.layer == 2
+    assert maps.query == ("cls" if layout.has_class_token else "mean-patch")
+    with torch.no_grad():
+        out = vit.model.forward_intermediates(
+            _images(data), indices=[1, 2], output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
+        )
+        inp, outp = (item if isinstance(item, tuple) else (item, None) for item in out)  # (patches, prefix)
+        (patches_in, prefix_in), (patches_out, _) = inp, outp  # block 2's input (block 1's output), its output
+        x = torch.cat([prefix_in, patches_in], dim=1) if prefix_in is not None else patches_in  # prefix first
+        norms = patches_out.double().norm(dim=-1)  # [B, HW]
+        outliers = norms > 50.0
+        removed = torch.zeros(x.shape[:2], dtype=torch.bool)
+        removed[:, layout.patch_slice] = outliers
+        plain = _plain_query_attention(vit, x, torch.zeros_like(removed))
+        plain_without = _plain_query_attention(vit, x, removed).masked_fill(outliers, float("nan"))
+    expected_outliers = np.zeros((4, h, w), dtype=bool)
+    expected_outliers[:, PLANT_POS[0], PLANT_POS[1]] = True  # the planted token, in every image
+    np.testing.assert_array_equal(maps.outliers, expected_outliers)
+    np.testing.assert_allclose(maps.norms, norms.reshape(4, h, w).numpy(), rtol=1e-5)
+    np.testing.assert_allclose(maps.attention, plain.reshape(4, h, w).numpy(), rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(maps.attention_without_outliers, plain_without.reshape(4, h, w).numpy(), rtol=1e-4)
+    assert not np.allclose(np.nan_to_num(maps.attention_without_outliers), maps.attention)  # removing keys matters
+    one_by_one = tokens(vit, data, norm_threshold=50.0, images=data, batch_size=1).image_maps
+    for field in ("norms", "outliers", "attention", "attention_without_outliers"):
+        np.testing.assert_array_equal(getattr(one_by_one, field), getattr(maps, field))
+
+
+def test_per_image_maps_without_outliers_keep_the_attention():
+    vit = _vit("cls")
+    data = _data(vit, 2)
+    maps = tokens(vit, data, images=data, image_layer=0).image_maps
+    assert maps.layer == 0 and not maps.outliers.any()
+    np.testing.assert_allclose(maps.attention_without_outliers, maps.attention, rtol=1e-6)  # float32 rows sum to 1
+
+
+def test_outlier_keys_are_removed_per_head_before_the_head_mean():
+    # Hand-built: 1 x 3 grid behind a class token; patch 0 is an outlier. Head 0 gives the class query half on the
+    # outlier and half on patch 1; head 1 everything on patch 2. Without the outlier each head renormalises its own
+    # row (what masking its logit to -inf gives): patch 1 -> 1 in head 0, patch 2 -> 1 in head 1, so 0.5 and 0.5
+    # after the head mean (renormalising the head mean instead would give 1/3 and 2/3).
+    layout = TokenLayout((1, 3), (8, 8), ("cls",))
+    attn = torch.full((1, 2, 4, 4), 0.25)
+    attn[0, 0, 0] = torch.tensor([0.0, 0.5, 0.5, 0.0])  # [cls, p0, p1, p2]
+    attn[0, 1, 0] = torch.tensor([0.0, 0.0, 0.0, 1.0])
+    tokens_out = torch.ones(1, 4, 2)
+    tokens_out[0, 1] = 100.0  # patch 0: norm 141 > 10
+    maps = token_image_maps(tokens_out, attn, layout, threshold=10.0, layer=5)
+    assert maps.layer == 5 and maps.query == "cls"
+    np.testing.assert_array_equal(maps.outliers, [[[True, False, False]]])
+    np.testing.assert_allclose(maps.attention, [[[0.25, 0.25, 0.5]]])
+    np.testing.assert_allclose(maps.attention_without_outliers, [[[np.nan, 0.5, 0.5]]])
+    np.testing.assert_allclose(maps.norms, [[[100 * 2**0.5, 2**0.5, 2**0.5]]])

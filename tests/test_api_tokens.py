@@ -111,6 +111,8 @@ def test_repr_summary(result):
         ({"layers": [99]}, "layers", "out of range"),
         ({"norm_threshold": "high"}, "norm_threshold", "norm_threshold must be 'auto' or a positive number"),
         ({"data": "digits", "split": "validation"}, "split", "split must be one of"),
+        ({"image_layer": 9}, "image_layer", "image_layer must be a layer of the model"),
+        ({"images": []}, "images", "images must name at least one image"),
     ],
 )
 def test_bad_options_name_their_parameter(demo, dataset, kwargs, param, needle):
@@ -137,7 +139,7 @@ def test_cli_json_and_files_are_the_results(result, tmp_path):
     assert load_result(tmp_path) == result
 
 
-def test_registered_and_run_by_the_report(demo, result):
+def test_registered_and_run_by_the_report(demo, dataset, with_images):
     assert get("tokens") is DEFINITION and DEFINITION.compute is tokens and DEFINITION.needs_data
     run = SimpleNamespace(
         vit=demo,
@@ -146,5 +148,42 @@ def test_registered_and_run_by_the_report(demo, result):
         num_images=NUM_IMAGES,
         batch_size=None,
         open=lambda spec, *, split, num_images: open_dataset(spec, demo.preprocess, split=split, num_images=num_images),
+        open_images=lambda: dataset.subset([1, 5], tag="shown"),
     )
-    assert DEFINITION.section(run) == result
+    assert DEFINITION.section(run) == tokens(demo, dataset, images=dataset.subset([1, 5], tag="shown"))
+
+
+@pytest.fixture(scope="module")
+def with_images(demo, dataset):
+    return tokens(demo, dataset, images=dataset.subset([1, 5], tag="shown"), norm_threshold=5.5)
+
+
+def test_per_image_maps_save_and_read_back(demo, dataset, with_images, tmp_path):
+    from matplotlib.figure import Figure
+
+    maps = with_images.image_maps
+    assert with_images.images == (dataset.names[1], dataset.names[5]) and len(with_images.photos) == 2
+    assert maps.layer == demo.depth - 1 and maps.norms.shape == (2, *demo.layout.grid_size)
+    assert maps.outliers.any()  # 5.5 is below the demo's largest last-layer norms
+    payload = with_images.to_dict()
+    assert payload["image_layer"] == demo.depth - 1 and payload["image_query"] == "cls"
+    assert [e["name"] for e in payload["images"]] == list(with_images.images)
+    assert [e["outliers"] for e in payload["images"]] == maps.outliers.sum(axis=(1, 2)).tolist()
+    files = with_images.save(tmp_path)
+    assert sorted(f.name for f in files) == ["tokens.json", "tokens.npz", "tokens.png", "tokens_images.png"]
+    back = load_result(tmp_path)
+    assert back == with_images and back.photos is None
+    assert isinstance(back.images_figure(), Figure) and len(back.images_figure().axes) >= 6  # maps without photos
+    assert len(with_images.images_figure().axes) >= 8  # a photo column too
+    # The statistics over the dataset do not change when images are shown.
+    assert dataclasses.replace(with_images, images=(), image_maps=None) == tokens(demo, dataset, norm_threshold=5.5)
+    with pytest.raises(ParameterError, match="no per-image maps") as info:
+        tokens(demo, dataset, norm_threshold=5.5).images_figure()
+    assert info.value.param == "images"
+
+
+def test_image_layer_picks_the_block(demo, dataset, with_images):
+    first = tokens(
+        demo, dataset, images=dataset.subset([1, 5], tag="shown"), image_layer=0, norm_threshold=5.5
+    ).image_maps
+    assert first.layer == 0 and not np.array_equal(first.norms, with_images.image_maps.norms)

@@ -73,3 +73,23 @@ def test_bad_options_are_one_line_errors(tmp_path, flags, needle):
     result = _run(ckpt, *args, "--num-images", "2", "--out", str(tmp_path / "out"), *flags)
     assert_one_line_error(result, 2, needle)
     assert not (tmp_path / "out" / "tokens.json").exists()
+
+
+def test_images_write_the_per_image_figure(tmp_path):
+    from PIL import Image
+
+    ckpt, args = fixture_checkpoint(tmp_path, "reg")
+    photos = []
+    for i, colour in enumerate(("red", "navy")):
+        photos += ["--images", str(tmp_path / f"photo{i}.png")]
+        Image.new("RGB", (40, 30), colour).save(tmp_path / f"photo{i}.png")
+    out = tmp_path / "out"
+    result = _run(ckpt, *args, "--num-images", "4", *photos, "--image-layer", "0", "--out", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["image_layer"] == 0 and data["image_query"] == "cls"
+    assert [e["name"] for e in data["images"]] == [photos[1], photos[3]]
+    assert (out / "tokens_images.png").stat().st_size > 0
+    bad = _run(ckpt, *args, "--num-images", "2", *photos, "--image-layer", "5", "--out", str(tmp_path / "bad"))
+    assert_one_line_error(bad, 2, "--image-layer must be a layer of the model")
+    assert not (tmp_path / "bad" / "tokens.json").exists()

@@ -27,10 +27,11 @@ SECTION_FILES = {
         "attention_distance.npz",
         "attention_distance.json",
     ],
-    "tokens": ["tokens.png", "tokens.npz", "tokens.json"],
+    "tokens": ["tokens.png", "tokens.npz", "tokens.json", "tokens_images.png"],
     "rollout": ["rollout.png", "rollout.npz", "rollout.json"],
     "features": ["features.png", "features.npz", "features.json"],
     "fewshot": ["fewshot.png", "fewshot.csv", "fewshot.json"],
+    "cka": ["cka.png", "cka.csv", "cka.npz", "cka.json"],
 }
 REPORT_FILES = ["index.html", "report.md", "summary.json"]
 
@@ -112,6 +113,7 @@ def test_sections_subset_and_images(tmp_path):
         "rollout": "ok",
         "features": "skipped",
         "fewshot": "skipped",
+        "cka": "skipped",
     }
     assert (out / "rollout" / "photo.png").is_file() and not (out / "filters.png").exists()
     assert summary["sections"]["rollout"]["summary"]["num_images"] == 1
@@ -186,6 +188,7 @@ def test_parse_sections_keeps_report_order():
             "rollout",
             "features",
             "fewshot",
+            "cka",
         )
     )
     assert parse_sections("fewshot, info") == ("info", "fewshot")

@@ -46,3 +46,32 @@ FEATURES_FOREGROUND = "auto"
 # histogram; "auto" finds that valley in the last layer (vitlens.analysis.tokens.auto_threshold).
 TOKENS_NORM_THRESHOLD = "auto"
 TOKENS_NUM_IMAGES = 128
+# The registers paper shows the artefacts in the last layer's attention maps (its Figs. 1, 2 and 7).
+TOKENS_IMAGE_LAYER = -1
+
+# cka: the minibatch estimator of Nguyen, Raghu & Kornblith 2021 sums unbiased HSIC over minibatches. 256 images a
+# minibatch is vitlens's choice (large enough that each minibatch's estimate is stable; it divides the 512 images of
+# the benchmark); the default number of images is one minibatch, so by default CKA is the full-data unbiased
+# estimate. mean-patch works for every layout (no class token needed) and costs one row per image.
+CKA_TOKENS = "mean-patch"
+CKA_MINIBATCH_SIZE = 256
+CKA_NUM_IMAGES = 256
+
+# explain: Chefer, Gur & Wolf 2021 (ICCV) attribution is the method their perturbation tests rank first; the class is
+# the predicted one (as in their notebooks and vit-explain); the score is the class logit before softmax (both
+# reference implementations back-propagate a one-hot on the logits). Discarding nothing matches rollout's default
+# (vit-explain's grad-rollout example uses 0.9), so the methods compare on the same attention.
+EXPLAIN_METHOD = "attribution"
+EXPLAIN_CLASS = "pred"
+EXPLAIN_SCORE = "logit"
+EXPLAIN_DISCARD_RATIO = 0.0
+
+# fewshot --probe knn: DINO's weighted k-NN (facebookresearch/dino, eval_knn.py: --nb_knn 10 20 100 200,
+# --temperature 0.07); the default probe stays the ridge regression of the ViT paper.
+FEWSHOT_PROBE = "lsr"
+FEWSHOT_KNN_K: tuple[int, ...] = (10, 20, 100, 200)
+FEWSHOT_KNN_TEMPERATURE = 0.07
+
+# compare: attention distance and CKA of every checkpoint read the paper's 128 images (App. D.7); CKA then uses one
+# minibatch of them (CKA_MINIBATCH_SIZE caps it), the full-data unbiased estimate.
+COMPARE_NUM_IMAGES = ATTENTION_DISTANCE_NUM_IMAGES

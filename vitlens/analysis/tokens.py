@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from einops import rearrange
 
 from vitlens.analysis._common import check_attention
 from vitlens.errors import VitlensError
@@ -207,10 +208,17 @@ class TokenNormAccumulator:
     def update_attention(self, layer: int, attn: torch.Tensor) -> None:
         """Keep the class query's and the mean patch query's attention rows ``[B, N]`` (head mean) of ``layer``."""
         check_attention(attn, self.layout)
-        a = attn.detach().to(torch.float64)
+        a = attn.detach()
         patch = self.layout.patch_slice
-        cls_row = a[:, :, self.layout.token_index("cls"), :].mean(dim=1) if self.layout.has_class_token else None
-        patch_row = a[:, :, patch, :].mean(dim=(1, 2))  # [B, N] mean patch query, head mean
+        heads, patches = a.shape[1], patch.stop - patch.start
+        cls_row = None
+        if self.layout.has_class_token:
+            cls_row = a[:, :, self.layout.token_index("cls"), :].to(torch.float64).mean(dim=1)  # [B, N] head mean
+        # Summing the heads in the map's dtype first and only the [B, HW, N] rest in float64 keeps the error of a
+        # float32 map near 1e-10 on the mean while never copying the whole map to float64 (that copy alone cost 15 %
+        # of a ViT-S forward pass).
+        per_query = a[:, :, patch, :].sum(dim=1).to(torch.float64)  # [B, HW, N]
+        patch_row = per_query.sum(dim=1) / (heads * patches)  # [B, N] mean patch query, head mean
         self._attn[layer] = (cls_row, patch_row)
 
     def update_embeddings(self, embeddings: torch.Tensor) -> None:
@@ -310,3 +318,69 @@ class TokenNormAccumulator:
             num_images=n,
             grid_size=(h, w),
         )
+
+
+@dataclass(frozen=True)
+class TokenImageMaps:
+    """Per-image views of one layer: where the high-norm tokens are, and what the query attends to with and without
+    them (after Darcet et al. 2023, Figs. 1 and 2)."""
+
+    layer: int  # 0-based block: norms of its output, attention of its softmax
+    query: str  # "cls", or "mean-patch" for models without a class token
+    norms: np.ndarray  # [B, H, W] L2 norm of each patch token after block `layer`
+    outliers: np.ndarray  # [B, H, W] bool, norm above the threshold
+    attention: np.ndarray  # [B, H, W] the query's head-mean attention on each patch key
+    attention_without_outliers: np.ndarray  # [B, H, W] the same with the outlier keys removed; NaN on outliers
+
+
+def token_image_maps(
+    tokens: torch.Tensor, attn: torch.Tensor, layout: TokenLayout, *, threshold: float, layer: int
+) -> TokenImageMaps:
+    """Token-norm map, outliers and the query's attention with and without the outlier keys, per image.
+
+    Removing a key from a softmax row and renormalising the rest is exactly the attention the head would compute with
+    that key's logit set to ``-inf``, so "without outliers" is done per head on the captured weights
+    (``a_ij / sum_{k not outlier} a_ik``) before the head mean: it shows where the query would look if the sinks
+    were not there. Prefix keys (cls, registers) stay. The query is the class token, or for models without one the
+    mean of the patch queries' rows (each renormalised first).
+
+    Args:
+        tokens: block ``layer``'s output ``[B, N, D]``.
+        attn: block ``layer``'s post-softmax attention ``[B, heads, N, N]``.
+        layout: the model's token layout.
+        threshold: patch tokens with a larger norm are outliers (inf: none).
+        layer: the block index, recorded in the result.
+    """
+    check_attention(attn, layout)
+    if tokens.ndim != 3 or tokens.shape[1] != layout.num_tokens:
+        raise VitlensError(f"expected block output [B, {layout.num_tokens}, D], got {list(tokens.shape)}")
+    h, w = layout.grid_size
+    patches = layout.patch_slice
+    norms = torch.linalg.vector_norm(tokens.detach().to(torch.float64), dim=-1)[:, patches]  # [B, HW]
+    outliers = norms > threshold  # [B, HW]
+    a = attn.detach().to(torch.float64)
+    if layout.has_class_token:
+        query = "cls"
+        rows = a[:, :, layout.token_index("cls") : layout.token_index("cls") + 1, :]  # [B, heads, 1, N]
+    else:
+        query = "mean-patch"
+        rows = a[:, :, patches, :]  # [B, heads, HW, N]
+    keep = torch.ones(a.shape[0], a.shape[-1], dtype=torch.bool, device=a.device)  # [B, N] keys that stay
+    keep[:, patches] = ~outliers
+    kept = rows * keep[:, None, None, :]
+    kept = kept / kept.sum(dim=-1, keepdim=True)  # renormalised over the remaining keys (0/0 = NaN: none remain)
+    attention = rows.mean(dim=(1, 2))[:, patches]  # [B, HW] head and query mean
+    without = kept.mean(dim=(1, 2))[:, patches]
+    without = without.masked_fill(outliers, float("nan"))
+
+    def grid(x: torch.Tensor) -> np.ndarray:
+        return rearrange(x, "b (h w) -> b h w", h=h, w=w).cpu().numpy()  # row-major patch order
+
+    return TokenImageMaps(
+        layer=int(layer),
+        query=query,
+        norms=grid(norms),
+        outliers=grid(outliers),
+        attention=grid(attention),
+        attention_without_outliers=grid(without),
+    )

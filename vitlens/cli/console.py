@@ -88,8 +88,10 @@ PARAMETER_FLAGS = {
     "num_components": "--components",
     "fmt": "--format",
     "layers": "--layer",
+    "layers_b": "--layer-b",
     "per_head_layer": "--layer",
     "spec": "--data",  # open_dataset's spec: --data, and --test-data / the images of rollout, which pass it on
+    "class_": "--class",  # explain: `class` is a Python keyword
 }
 
 

@@ -60,6 +60,25 @@ NormThresholdOpt = Annotated[
     ),
 ]
 
+ImagesOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--images",
+        help="Also show these images one by one (repeat the flag; image files, a folder or a data spec): the token "
+        "norms of --image-layer beside the photo and the class-token attention with and without the outlier keys. "
+        "Writes tokens_images.<fmt>.",
+        rich_help_panel="Tokens",
+    ),
+]
+ImageLayerOpt = Annotated[
+    int,
+    typer.Option(
+        "--image-layer",
+        help="Block of the per-image maps of --images, 0-based (negative from the end).",
+        rich_help_panel="Tokens",
+    ),
+]
+
 
 def _parse_layers(text: str | None) -> list[int] | None:
     if text is None or text.strip().lower() in ("", "all"):
@@ -91,6 +110,8 @@ def tokens(
     batch_size: BatchSizeOpt = None,
     layers: LayersOpt = None,
     norm_threshold: NormThresholdOpt = defaults.TOKENS_NORM_THRESHOLD,
+    images: ImagesOpt = None,
+    image_layer: ImageLayerOpt = defaults.TOKENS_IMAGE_LAYER,
     out: OutOpt = Path("vitlens-out"),
     fmt: FormatOpt = "png",
     json_: JsonOpt = False,
@@ -98,7 +119,7 @@ def tokens(
 ) -> None:
     """Token norms per layer, high-norm outlier tokens and attention sinks (Darcet et al. 2023).
 
-    Writes tokens.{png,npz,json} to --out.
+    Writes tokens.{png,npz,json} to --out, and with --images tokens_images.png.
     """
     from vitlens.data import open_dataset
     from vitlens.definitions.tokens import tokens as compute
@@ -113,7 +134,14 @@ def tokens(
     )
     with progress_bar("token norms", enabled=not quiet) as progress:
         result = compute(
-            vit, dataset, layers=chosen, norm_threshold=norm_threshold, batch_size=batch_size, progress=progress
+            vit,
+            dataset,
+            layers=chosen,
+            norm_threshold=norm_threshold,
+            images=(images[0] if len(images) == 1 else images) if images else None,
+            image_layer=image_layer,
+            batch_size=batch_size,
+            progress=progress,
         )
     meta = run_metadata(started, command="tokens", device=str(vit.device), batch_size=batch_size)
     files = result.save(out, fmt, meta=meta)

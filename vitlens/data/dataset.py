@@ -56,6 +56,22 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self._keys)
 
+    def with_preprocess(self, preprocess: Preprocess) -> ImageDataset:
+        """The same images, in the same order, with another model's geometry and normalisation (two models compared
+        on one dataset each see it as their own preprocessing says). Its spec is unchanged: the spec names the
+        selection, and the feature cache keys on the model's preprocessing separately."""
+        if preprocess == self.preprocess:
+            return self
+        return ImageDataset(
+            keys=self._keys,
+            reader=self._reader,
+            names=list(self.names),
+            labels=self.labels,
+            classes=self.classes,
+            spec=self.spec,
+            preprocess=preprocess,
+        )
+
     def subset(self, indices: Sequence[int], *, tag: str) -> ImageDataset:
         """The items at ``indices`` (in that order), as a dataset of its own; ``tag`` goes into its spec (cache key)."""
         keep = [int(i) for i in indices]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+    from PIL import Image
 
-    from vitlens.analysis.tokens import TokenNorms
+    from vitlens.analysis.tokens import TokenImageMaps, TokenNorms
     from vitlens.attention import Progress
     from vitlens.data import ImageDataset, Split
     from vitlens.models.vit import ViT
@@ -41,6 +42,7 @@ _ARRAYS = (
     "neighbour_similarity_outliers",
     "neighbour_similarity_normal",
 )
+_IMAGE_ARRAYS = ("norms", "outliers", "attention", "attention_without_outliers")  # TokenImageMaps, [B, H, W] each
 
 
 def _num(value: Any) -> float | None:
@@ -59,15 +61,27 @@ class TokensResult(Result):
         source: the model it came from.
         data: the data spec of the images (:attr:`vitlens.data.ImageDataset.spec`).
         prefix_tokens: the kinds of the prefix tokens in sequence order (``cls``, ``dist``, ``reg``).
+        images: the names of the images shown one by one (``images=``), in the order of ``image_maps``.
+        image_maps: their token-norm maps and query attention with and without the outlier keys in one layer
+            (:class:`~vitlens.analysis.tokens.TokenImageMaps`); None without ``images=``.
+        photos: the images as the model sees them, for the per-image figure; init-only, not compared or saved.
     """
 
     norms: TokenNorms
     source: str
     data: str
     prefix_tokens: tuple[str, ...]
+    images: tuple[str, ...] = ()
+    image_maps: TokenImageMaps | None = None
+    photos: InitVar[Sequence[Image.Image] | None] = None
 
     analysis = "tokens"
     stem = "tokens"
+
+    def __post_init__(self, photos: Sequence[Image.Image] | None) -> None:
+        # As in RolloutResult: the photos are what the maps are drawn over, not part of the result (not compared,
+        # not saved); a result read back from its files has none and draws the maps alone.
+        object.__setattr__(self, "photos", None if photos is None else tuple(photos))
 
     def to_dict(self) -> dict[str, Any]:
         t = self.norms
@@ -103,7 +117,26 @@ class TokensResult(Result):
             "layers": per_layer,
             "histograms_file": f"{self.stem}.npz",
             "prefix_tokens": list(self.prefix_tokens),
+            **self._images_dict(),
         }
+
+    def _images_dict(self) -> dict[str, Any]:
+        """The per-image numbers (maps in the NPZ); empty without ``images=``, so those files stay as they were."""
+        m = self.image_maps
+        if m is None:
+            return {}
+        entries = []
+        for i, name in enumerate(self.images):
+            outliers = m.outliers[i]
+            entries.append(
+                {
+                    "name": name,
+                    "outliers": int(outliers.sum()),
+                    "norm_max": _num(m.norms[i].max()),
+                    f"{m.query}_attention_on_outliers": float(m.attention[i][outliers].sum()),
+                }
+            )
+        return {"image_layer": m.layer, "image_query": m.query, "images": entries}
 
     def summary(self) -> str:
         t = self.norms
@@ -133,6 +166,19 @@ class TokensResult(Result):
 
         return tokens_figure(self.norms)
 
+    def images_figure(self) -> Figure:
+        """The per-image figure the CLI saves as ``tokens_images.<fmt>``: a row per image with the photo, its
+        token-norm map and the query's attention with and without the outlier keys (the maps alone without photos).
+
+        Raises:
+            ParameterError: the result has no per-image maps (computed without ``images=``).
+        """
+        from vitlens.plotting.tokens import tokens_images_figure
+
+        if self.image_maps is None:
+            raise ParameterError("images", "this result has no per-image maps: compute it with images=")
+        return tokens_images_figure(self.image_maps, self.photos, self.images)
+
     def _write(self, out: Path, fmt: str, payload: dict[str, Any]) -> list[Path]:
         import numpy as np
 
@@ -141,9 +187,18 @@ class TokensResult(Result):
 
         t = self.norms
         fig = self.figure()
+        images_fig = None if self.image_maps is None else self.images_figure()
         out = ensure_out_dir(out)
         arrays = {name: getattr(t, name) for name in _ARRAYS}
-        return [
+        m = self.image_maps
+        if m is not None:  # without images the NPZ keeps its old keys
+            arrays.update(
+                image_names=np.asarray(list(self.images), dtype=str),
+                image_layer=np.int64(m.layer),
+                image_query=np.asarray(m.query),
+                **{f"image_{name}": getattr(m, name) for name in _IMAGE_ARRAYS},
+            )
+        files = [
             write_npz(
                 out / "tokens.npz",
                 **arrays,
@@ -155,12 +210,15 @@ class TokensResult(Result):
             write_json(out / "tokens.json", payload),
             save_figure(fig, out / f"tokens.{fmt}", fmt=fmt),  # type: ignore[arg-type]
         ]
+        if images_fig is not None:
+            files.append(save_figure(images_fig, out / f"tokens_images.{fmt}", fmt=fmt))  # type: ignore[arg-type]
+        return files
 
     @classmethod
     def _read(cls, folder: Path, payload: dict[str, Any]) -> TokensResult:
         import numpy as np
 
-        from vitlens.analysis.tokens import TokenNorms
+        from vitlens.analysis.tokens import TokenImageMaps, TokenNorms
 
         with np.load(folder / "tokens.npz", allow_pickle=False) as npz:
             h, w = (int(v) for v in npz["grid_size"])
@@ -173,7 +231,15 @@ class TokensResult(Result):
                 num_images=int(npz["num_images"]),
                 grid_size=(h, w),
             )
-        return cls(norms, payload["source"], payload["data"], tuple(payload["prefix_tokens"]))
+            images, maps = (), None
+            if "image_names" in npz:
+                images = tuple(str(name) for name in npz["image_names"])
+                maps = TokenImageMaps(
+                    layer=int(npz["image_layer"]),
+                    query=str(npz["image_query"]),
+                    **{name: npz[f"image_{name}"] for name in _IMAGE_ARRAYS},
+                )
+        return cls(norms, payload["source"], payload["data"], tuple(payload["prefix_tokens"]), images, maps)
 
 
 def token_norms_for(
@@ -219,6 +285,44 @@ def token_norms_for(
     return acc.result()
 
 
+def token_image_maps_for(
+    vit: ViT, dataset: ImageDataset, *, layer: int, threshold: float, batch_size: int | None = None
+) -> TokenImageMaps:
+    """Per-image token-norm maps and query attention of block ``layer`` (one hooked forward per batch), stacked in
+    dataset order; for the few images a user names, so all their ``[B, H, W]`` maps are kept."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from vitlens.analysis.tokens import token_image_maps
+    from vitlens.attention import capped_batch_size
+    from vitlens.data import iterate_batches
+    from vitlens.device import resolve_batch_size
+
+    dtype = next(vit.model.parameters()).dtype
+    batch_size = capped_batch_size(vit, resolve_batch_size(batch_size, vit.device), dtype=dtype)
+    captured: dict[str, torch.Tensor] = {}
+    parts: list[TokenImageMaps] = []
+
+    def keep_attention(_layer: int, attn: torch.Tensor) -> None:
+        captured["attn"] = attn.detach()
+
+    def on_block(_layer: int, tokens: torch.Tensor) -> None:
+        maps = token_image_maps(tokens, captured.pop("attn"), vit.layout, threshold=threshold, layer=layer)
+        parts.append(maps)
+
+    with torch.inference_mode(), vit.hooks(attention=keep_attention, blocks=on_block, layers=[layer]):
+        for batch in iterate_batches(dataset, batch_size=batch_size, device=vit.device):
+            vit.features(batch.images.to(dtype))
+    arrays = {
+        f.name: np.concatenate([getattr(p, f.name) for p in parts])
+        for f in dataclasses.fields(parts[0])
+        if isinstance(getattr(parts[0], f.name), np.ndarray)
+    }
+    return dataclasses.replace(parts[0], **arrays)
+
+
 def vit_layers(vit: ViT, layers: Sequence[int] | None) -> list[int]:
     from vitlens.capture import resolve_layers
 
@@ -233,6 +337,8 @@ def tokens(
     norm_threshold: float | str = defaults.TOKENS_NORM_THRESHOLD,
     num_images: int | None = None,
     split: Split = "test",
+    images: ImageDataset | str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    image_layer: int = defaults.TOKENS_IMAGE_LAYER,
     batch_size: int | None = None,
     progress: Progress | None = None,
 ) -> TokensResult:
@@ -262,11 +368,17 @@ def tokens(
         norm_threshold: ``"auto"`` or a positive number.
         num_images: with a data spec, a stratified subset of this many images (default 128).
         split: with a data spec, ``train``, ``test`` or ``all``.
+        images: also show these images one by one (files, a folder, a data spec or a dataset, as
+            :func:`vitlens.rollout` takes them): in block ``image_layer``, each patch token's norm (outliers by the
+            threshold found over ``data``) and the query's attention with and without the outlier keys
+            (:func:`~vitlens.analysis.tokens.token_image_maps`). None for none.
+        image_layer: the block of the per-image maps, 0-based (negative from the end); default the last.
         batch_size: images per forward pass; None for the device's default.
         progress: called as ``progress(done, total)``; with ``auto`` ``total`` counts both passes.
 
     Raises:
-        ParameterError: a bad ``norm_threshold``, ``layers``, ``num_images``, ``split`` or ``batch_size``.
+        ParameterError: a bad ``norm_threshold``, ``layers``, ``num_images``, ``split``, ``images``, ``image_layer``
+            or ``batch_size``.
         VitlensError: an unknown data spec, no image could be read, or NaN/inf block outputs.
     """
     import dataclasses
@@ -280,6 +392,17 @@ def tokens(
     if batch_size is not None and batch_size < 1:
         raise ParameterError("batch_size", f"batch_size must be at least 1, not {batch_size}")
     vit_layers(vit, layers)  # ParameterError before any image is read
+    if isinstance(image_layer, bool) or not isinstance(image_layer, int) or not -vit.depth <= image_layer < vit.depth:
+        raise ParameterError(
+            "image_layer",
+            f"image_layer must be a layer of the model (-{vit.depth}..{vit.depth - 1}), not {image_layer!r}",
+        )
+    shown = None
+    if images is not None:
+        from vitlens.definitions.rollout import open_images
+
+        shown = images if isinstance(images, ImageDataset) else open_images(vit, images)
+        photos = tuple(shown.load_pil(i) for i in range(len(shown)))  # one-line error for a file that is no image
     if not isinstance(data, ImageDataset):
         if num_images is None:
             num_images = defaults.TOKENS_NUM_IMAGES
@@ -301,7 +424,11 @@ def tokens(
         if progress is not None:
             progress(0, n)
         norms = token_norms_for(vit, data, **opts, threshold=threshold)
-    return TokensResult(norms, vit.source, data.spec, tuple(vit.layout.prefix_kinds))
+    if shown is None:
+        return TokensResult(norms, vit.source, data.spec, tuple(vit.layout.prefix_kinds))
+    layer = image_layer % vit.depth
+    maps = token_image_maps_for(vit, shown, layer=layer, threshold=norms.threshold, batch_size=batch_size)
+    return TokensResult(norms, vit.source, data.spec, tuple(vit.layout.prefix_kinds), tuple(shown.names), maps, photos)
 
 
 def _check_threshold(value: float | str) -> float | None:
@@ -325,7 +452,7 @@ def _check_threshold(value: float | str) -> float | None:
 
 def _section(run: Any) -> TokensResult:
     dataset = run.open(run.data, split=run.split, num_images=run.num_images)
-    return tokens(run.vit, dataset, batch_size=run.batch_size)
+    return tokens(run.vit, dataset, images=run.open_images(), batch_size=run.batch_size)
 
 
 DEFINITION = register(
