@@ -244,3 +244,22 @@ def test_threshold_masks_errors():
         threshold_masks(-np.ones((2, 2)), mass=0.5)
     with pytest.raises(ParameterError, match="patch_axes must be 1 or 2"):
         threshold_masks(np.ones((2, 2)), mass=0.5, patch_axes=3)
+
+
+@pytest.mark.parametrize(("target", "row"), [("cls", 0), ("reg:1", 2), ("mean-patch", None)])
+@pytest.mark.parametrize("max_bytes", [0, 2 * 2 * N * N * 8, 2**30])
+def test_row_path_equals_the_running_product(target, row, max_bytes):
+    # max_bytes 0: every layer folded at once (the running-product path); a budget of two factors folds twice on
+    # the way; 1 GiB keeps every factor and multiplies the target row back through them.
+    layers = random_layers(num_layers=6)
+    kept = RolloutAccumulator(LAYOUT, discard_ratio=0.3, max_bytes=max_bytes)
+    product = RolloutAccumulator(LAYOUT, discard_ratio=0.3, max_bytes=0)
+    for i, attn in enumerate(layers):
+        kept.update(i, attn)
+        product.update(i, attn)
+    assert kept.num_layers == 6
+    np.testing.assert_allclose(kept.target_weights(target), product.target_weights(target), rtol=1e-12)
+    np.testing.assert_allclose(kept.result(target=target).maps, product.result(target=target).maps, rtol=1e-12)
+    ref = reference_rollout(layers, "mean", 0.3, 0, row)
+    np.testing.assert_allclose(kept.result(target=target).maps, ref, atol=1e-12)
+    np.testing.assert_allclose(kept.running, product.running, rtol=1e-12)  # the whole matrix on request

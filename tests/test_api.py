@@ -16,7 +16,7 @@ from vitlens.result import Result, load_result
 
 def test_lists_its_analyses_and_names():
     # That `import vitlens` and the listing stay torch-free is checked in test_imports.py.
-    names = ["filters", "pos-sim", "attention-distance", "tokens", "rollout", "features", "fewshot", "cka"]
+    names = ["filters", "pos-sim", "attention-distance", "tokens", "rollout", "explain", "features", "fewshot", "cka"]
     assert [d.name for d in vitlens.analyses()] == names
     for name in vitlens.__all__:
         assert getattr(vitlens, name) is not None, name
@@ -92,6 +92,7 @@ def test_every_payload_names_the_prefix_tokens(demo, tmp_path):
         vitlens.attention_distance(demo, data),
         vitlens.tokens(demo, data),
         vitlens.rollout(demo, data),
+        vitlens.explain(demo, data),
         vitlens.features_pca(demo, data),
         vitlens.fewshot(demo, data, shots=(1,), seeds=1, use_cache=False),
         vitlens.cka(demo, data),

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -278,3 +279,131 @@ def test_registered_and_run_by_the_report(demo, result, tmp_path):
     Image.new("RGB", (9, 9)).save(tmp_path / "loose" / "0.png")
     with pytest.raises(NotApplicable, match="has no labels"):
         DEFINITION.section(SimpleNamespace(**common, data=str(tmp_path / "loose"), cache_dir=None, use_cache=False))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The k-NN probe beside the ridge probe (probe="knn" | "both")
+
+KNN = {**FAST, "knn_k": (1, 10, 20)}
+
+
+@pytest.fixture(scope="module")
+def both(demo):
+    return fewshot(demo, "digits", probe="both", **KNN)
+
+
+def test_both_is_the_ridge_result_plus_the_knn_of_the_same_features(demo, splits, result, both):
+    from vitlens.analysis.knn import fewshot_knn
+
+    pool, test = splits
+    assert dataclasses.replace(both, knn=None) == result and both.probe_kind == "both"
+    expected = fewshot_knn(
+        extract_features(demo, pool),
+        pool.labels,
+        extract_features(demo, test),
+        test.labels,
+        shots=(1, 5),
+        seeds=2,
+        k=(1, 10, 20),
+    )
+    np.testing.assert_array_equal(both.knn.accuracy, expected.accuracy)
+    np.testing.assert_array_equal(both.knn.k_used, [[1, 10, 10], [1, 10, 20]])  # 1 shot x 10 classes: a pool of 10
+    assert both.knn.temperature == 0.07 and both.knn.layers == result.probe.layers
+    text = both.summary()
+    assert text.startswith(result.summary() + "; k-NN ") and "best k=" in text
+    numbers = both.key_numbers()
+    assert numbers["mean_accuracy"] == result.key_numbers()["mean_accuracy"] and numbers["knn_k"] in (1, 10, 20)
+
+
+def test_knn_alone_and_both_save_and_read_back_equal(demo, both, tmp_path):
+    files = both.save(tmp_path / "both", meta={"command": "test"})
+    assert [f.name for f in files] == ["fewshot.csv", "fewshot-knn.csv", "fewshot.json", "fewshot.png"]
+    saved = json.loads((tmp_path / "both" / "fewshot.json").read_text())
+    assert saved["probe"] == "both" and saved["knn"]["k"] == [1, 10, 20] and saved["knn"]["temperature"] == 0.07
+    row = saved["knn"]["results"][1]  # the first layer, 1 shot, k = 10
+    assert {k: row[k] for k in ("shots", "k", "k_used")} == {"shots": 1, "k": 10, "k_used": 10}
+    rows = (tmp_path / "both" / "fewshot-knn.csv").read_text().splitlines()
+    assert rows[0] == "shots,layer,seed,k,k_used,accuracy" and len(rows) == 1 + 2 * 1 * 2 * 3
+    assert load_result(tmp_path / "both") == both
+
+    alone = fewshot(demo, "digits", probe="KNN", **KNN)
+    assert alone.probe is None and dataclasses.replace(alone, probe=both.probe) == both and alone.probe_kind == "knn"
+    assert alone.summary().startswith("5-shot k-NN accuracy ")
+    assert "mean_accuracy" not in alone.key_numbers() and "knn_mean_accuracy" in alone.key_numbers()
+    files = alone.save(tmp_path / "knn", fmt="svg")
+    assert [f.name for f in files] == ["fewshot-knn.csv", "fewshot.json", "fewshot.svg"]
+    saved = json.loads((tmp_path / "knn" / "fewshot.json").read_text())
+    assert "results" not in saved and saved["probe"] == "knn" and saved["num_train"] == alone.knn.num_train
+    back = load_result(tmp_path / "knn")
+    assert back == alone and back != both
+    from matplotlib.figure import Figure
+
+    ax = Figure().add_subplot()
+    assert alone.plot(ax=ax) is ax and len(ax.lines) == 3 + 1  # one line per k, chance
+    assert len(both.figure().axes) == 2  # the ridge panel and the k-NN panel
+
+
+def test_shots_all_is_the_whole_pool_in_one_draw(demo, splits):
+    from vitlens.analysis.fewshot import class_counts
+    from vitlens.analysis.knn import fewshot_knn
+
+    pool, test = splits
+    full = fewshot(demo, pool, test_data=test, shots="all", probe="both", knn_k=(10, 200), use_cache=False)
+    largest = int(class_counts(pool.labels, 10).max())
+    assert full.full_pool and full.probe.shots == full.knn.shots == (largest,) and full.knn.seeds == (0,)
+    np.testing.assert_array_equal(full.knn.k_used, [[10, len(pool)]])  # 200 capped at the whole pool
+    feats = extract_features(demo, pool), extract_features(demo, test)
+    whole = fewshot_knn(
+        feats[0], pool.labels, feats[1], test.labels, shots=(largest,), seeds=1, k=(10, 200), allow_fewer=True
+    )
+    np.testing.assert_array_equal(full.knn.accuracy, whole.accuracy)
+    # The k-NN on the whole pool, written out: every pool image is a candidate neighbour.
+    (x,), (q,) = feats[0].values(), feats[1].values()  # the one layer: pre-logits
+    x, q = torch.nn.functional.normalize(x.double(), dim=-1), torch.nn.functional.normalize(q.double(), dim=-1)
+    sim = q @ x.T  # [M, N]
+    top, idx = sim.topk(10, dim=-1)
+    votes = torch.zeros(len(q), 10, dtype=torch.float64).scatter_add_(
+        1, torch.as_tensor(pool.labels)[idx], (top / 0.07).exp()
+    )
+    assert full.knn.accuracy[0, 0, 0, 0] == pytest.approx((votes.argmax(1).numpy() == test.labels).mean(), abs=1e-12)
+    assert full.probe.short_classes == {} and full.summary().startswith("full-pool accuracy ")
+    assert full.to_dict()["full_pool"] is True
+
+
+def test_the_knn_reads_the_feature_cache(demo, splits, tmp_path, monkeypatch):
+    from vitlens.models import ViT
+
+    pool, test = splits
+    calls = [0]
+    original = ViT.features
+
+    def counting(self, images):
+        calls[0] += 1
+        return original(self, images)
+
+    monkeypatch.setattr(ViT, "features", counting)
+    options = {"test_data": test, "shots": (1, 5), "seeds": 2, "cache_dir": tmp_path}
+    first = fewshot(demo, pool, **options)
+    passes = calls[0]
+    assert passes > 0 and first.cache == {"train": "miss", "test": "miss"}
+    again = fewshot(demo, pool, probe="both", **options)
+    assert calls[0] == passes and again.cache == {"train": "hit", "test": "hit"}  # no second extraction
+    np.testing.assert_array_equal(again.probe.accuracy, first.probe.accuracy)
+    assert len(list(tmp_path.glob("features-*.npz"))) == 2
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param", "needle"),
+    [
+        ({"probe": "svm"}, "probe", "probe must be one of lsr, knn, both, not 'svm'"),
+        ({"probe": None}, "probe", "probe must be one of lsr, knn, both"),
+        ({"knn_k": "10,x"}, "knn_k", "knn_k must be positive integers"),
+        ({"knn_k": (0,)}, "knn_k", "knn_k must be positive integers"),
+        ({"knn_temperature": 0}, "knn_temperature", "knn_temperature must be a positive number"),
+        ({"shots": "al"}, "shots", "shots must be positive integers"),
+    ],
+)
+def test_bad_knn_options_name_their_parameter(demo, kwargs, param, needle):
+    with pytest.raises(ParameterError, match=needle) as info:
+        fewshot(demo, "digits", **{**FAST, **kwargs})
+    assert info.value.param == param

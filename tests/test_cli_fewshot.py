@@ -255,3 +255,79 @@ def test_demo_model_on_digits_is_far_above_chance(tmp_path):
     assert data["source"] == "demo" and data["data"] == "digits:train" and data["chance"] == pytest.approx(0.1)
     (row,) = data["results"]
     assert row["shots"] == 10 and row["mean"] > 0.8  # a model trained with the demo preset: 0.97
+
+
+# --------------------------------------------------------------------------------------------------------------
+# --probe knn | both
+
+
+def test_probe_knn_and_both_files_json_and_one_extraction(tmp_path, forward_calls):
+    from vitlens.analysis.knn import fewshot_knn
+    from vitlens.result import load_result
+
+    ckpt, args = fixture_checkpoint(tmp_path, "reg")
+    common = [ckpt, *args, *FAST, "--batch-size", "256", "--knn-k", "5,20", "--cache-dir", str(tmp_path / "cache")]
+    both = _run(*common, "--probe", "both", "--out", str(tmp_path / "both"), "--json")
+    assert both.exit_code == 0, both.output
+    assert forward_calls[0] == 2  # one batch of the pool, one of the test split, for both probes
+    data = json.loads(both.stdout)
+    assert data["probe"] == "both" and data["knn"]["k"] == [5, 20] and data["knn"]["temperature"] == 0.07
+    assert [(r["shots"], r["k"], r["k_used"]) for r in data["knn"]["results"]] == [
+        (1, 5, 5),
+        (1, 20, 10),
+        (5, 5, 5),
+        (5, 20, 20),
+    ]
+    assert sorted(p.name for p in (tmp_path / "both").iterdir()) == [
+        "fewshot-knn.csv",
+        "fewshot.csv",
+        "fewshot.json",
+        "fewshot.png",
+    ]
+    vit = load_vit(ckpt, **native_kwargs("reg"))
+    pool = open_dataset("digits", vit.preprocess, split="train", num_images=200)
+    test = open_dataset("digits", vit.preprocess, split="test", num_images=200)
+    expected = fewshot_knn(
+        extract_features(vit, pool),
+        pool.labels,
+        extract_features(vit, test),
+        test.labels,
+        shots=(1, 5),
+        seeds=2,
+        k=(5, 20),
+    )
+    per_seed = [r["per_seed"] for r in data["knn"]["results"]]
+    np.testing.assert_array_equal(per_seed, expected.accuracy[:, 0].transpose(0, 2, 1).reshape(4, 2))
+    assert load_result(tmp_path / "both").to_dict() == {k: v for k, v in data.items() if k not in ("files", "meta")}
+
+    forward_calls[0] = 0  # the reference extraction above is not the command's
+    knn = _run(*common, "--probe", "knn", "--out", str(tmp_path / "knn"))  # the table; features from the cache
+    assert knn.exit_code == 0, knn.output
+    text = " ".join(knn.stdout.split())  # rich wraps at the terminal's width
+    assert forward_calls[0] == 0 and "k-NN accuracy (%)" in text and "feature cache: train hit, test hit" in text
+    assert "few-shot accuracy (%)" not in text and "(k=10)" in text  # k=20 capped at the 1-shot pool of 10
+    assert sorted(p.name for p in (tmp_path / "knn").iterdir()) == ["fewshot-knn.csv", "fewshot.json", "fewshot.png"]
+    with open(tmp_path / "knn" / "fewshot-knn.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["shots", "layer", "seed", "k", "k_used", "accuracy"] and len(rows) == 2 * 1 * 2 * 2
+
+    full = _run(*common, "--probe", "knn", "--shots", "all", "--out", str(tmp_path / "all"), "--json")
+    assert full.exit_code == 0, full.output
+    data = json.loads(full.stdout)
+    assert data["full_pool"] is True and data["seeds"] == [0] and data["num_train"] == 200
+    assert [r["k_used"] for r in data["knn"]["results"]] == [5, 20]
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--probe", "svm"], "--probe must be one of lsr, knn, both, not 'svm'"),
+        (["--knn-k", "0"], "--knn-k must be positive integers"),
+        (["--knn-temperature", "-1"], "--knn-temperature must be a positive number"),
+    ],
+)
+def test_bad_probe_options_are_one_line_exit_2_errors(tmp_path, extra, needle, forward_calls):
+    ckpt, args = fixture_checkpoint(tmp_path, "reg")
+    out = tmp_path / "out"
+    assert_one_line_error(_run(ckpt, *args, "--num-images", "200", "--out", str(out), *extra), 2, needle)
+    assert not out.exists() and forward_calls[0] == 0

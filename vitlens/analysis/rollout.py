@@ -141,11 +141,103 @@ def rollout_layer_matrix(
     return a / a.sum(dim=-1, keepdim=True)
 
 
+# Factors kept for the row path before they are folded into a running product: ViT-S/14 at 518 px keeps its 12
+# layers of one image (12 x 1370^2 x 4 bytes = 86 MiB) and ViT-B/16 at 224 px those of a batch of 64 (114 MiB).
+ROW_PATH_MAX_BYTES = 256 * 2**20
+
+
+class LayerProduct:
+    """The product ``P = M_L @ ... @ M_1`` of per-layer factors ``[B, N, N]`` fed in depth order, read by rows.
+
+    Rollout (and Chefer et al.'s attribution, ``R = (I + Ā_L) ... (I + Ā_1)``) only ever read one row of ``P`` per
+    image: ``vᵀ P`` for the target token's one-hot ``v`` (or the mean of the patch tokens' one-hots). Multiplying the
+    running product costs ``O(N³)`` per layer; keeping the factors and multiplying ``v`` back through them at the
+    end, ``vᵀ M_L``, then ``· M_{L-1}``, ..., costs ``O(N²)`` per layer and ``L N²`` memory. The two give the same
+    numbers up to float rounding (tested to 1e-6). This class keeps factors while they take at most ``max_bytes``
+    and then folds them into the running product (paying ``O(N³)`` for those layers once), so memory stays bounded
+    for any depth and batch; at 518 px (N = 1370) the product path was the whole cost of rollout beyond the forward.
+    ``max_bytes=0`` is the running-product path itself.
+    """
+
+    def __init__(self, *, max_bytes: int = ROW_PATH_MAX_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._folded: torch.Tensor | None = None  # [B, N, N] product of the factors folded so far
+        self._factors: list[torch.Tensor] = []  # [B, N, N] each, the layers after _folded, in depth order
+        self.num_layers = 0
+
+    def push(self, factor: torch.Tensor) -> None:
+        """Multiply in the next layer's factor ``[B, N, N]`` (from the left)."""
+        first = self._folded if self._folded is not None else (self._factors[0] if self._factors else None)
+        if first is not None and factor.shape[0] != first.shape[0]:
+            raise VitlensError(
+                f"layer {self.num_layers} has batch size {factor.shape[0]}, earlier layers {first.shape[0]}: "
+                "use a new accumulator (or reset()) for each batch"
+            )
+        self._factors.append(factor)
+        self.num_layers += 1
+        if sum(f.numel() * f.element_size() for f in self._factors) > self.max_bytes:
+            self._fold()
+
+    def _fold(self) -> None:
+        for factor in self._factors:
+            self._folded = factor if self._folded is None else factor @ self._folded.to(factor.device)
+        self._factors = []
+
+    def _first(self) -> torch.Tensor:
+        if self.num_layers == 0:
+            raise VitlensError("no layer was given: the product is empty")
+        return self._folded if self._folded is not None else self._factors[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self._first().shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._first().dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._first().device
+
+    def rows(self, v: torch.Tensor) -> torch.Tensor:
+        """``vᵀ P`` for one row vector per image, ``v [B, N]`` -> ``[B, N]``."""
+        if self.num_layers == 0:
+            raise VitlensError("no layer was given: the product is empty")
+        out = v[:, None, :]  # [B, 1, N]
+        for factor in reversed(self._factors):  # the last layer is the leftmost factor
+            out = out.to(factor.dtype) @ factor
+        if self._folded is not None:
+            out = out.to(self._folded.dtype) @ self._folded
+        return out[:, 0]
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """The whole product ``[B, N, N]`` (folds every kept factor: the ``O(N³)`` path)."""
+        if self.num_layers == 0:
+            raise VitlensError("no layer was given: the product is empty")
+        self._fold()
+        return self._folded  # type: ignore[return-value]
+
+
+def target_vector(index: int | None, layout: TokenLayout, batch: int, *, dtype: torch.dtype, device) -> torch.Tensor:
+    """``[B, N]``: the one-hot of token ``index``, or for None (``mean-patch``) the mean of the patch tokens' one-hots,
+    so that ``vᵀ P`` is the target's row of ``P`` (or the mean of the patch tokens' rows)."""
+    v = torch.zeros(batch, layout.num_tokens, dtype=dtype, device=device)
+    if index is None:
+        v[:, layout.patch_slice] = 1.0 / layout.num_patches
+    else:
+        v[:, index] = 1.0
+    return v
+
+
 class RolloutAccumulator:
     """Streaming rollout over the layers of one batch: keeps only the running product ``[B, N, N]``.
 
     Call ``update(layer, attn)`` for layers in order; layers before ``start_layer`` are ignored. Use a new
-    accumulator (or ``reset()``) for each batch.
+    accumulator (or ``reset()``) for each batch. The product is a :class:`LayerProduct`: the maps are read by
+    multiplying the target row back through the kept layer factors (``O(N²)`` per layer) unless they outgrow
+    ``max_bytes``.
     """
 
     def __init__(
@@ -155,18 +247,24 @@ class RolloutAccumulator:
         head_fusion: HeadFusion = "mean",  # ViT paper App. D.8: "averaged attention weights ... across all heads"
         discard_ratio: float = 0.0,  # ViT paper App. D.8 and Abnar & Zuidema 2020 discard nothing
         start_layer: int = 0,
+        max_bytes: int = ROW_PATH_MAX_BYTES,
     ) -> None:
         _check_options(head_fusion, discard_ratio, start_layer)
         self.layout = layout
         self.head_fusion = head_fusion
         self.discard_ratio = float(discard_ratio)
         self.start_layer = start_layer
+        self.max_bytes = max_bytes
         self.reset()
 
     def reset(self) -> None:
-        """Forget the running product, ready for the next batch."""
-        self._running: torch.Tensor | None = None  # [B, N, N] A_l @ ... @ A_start
-        self.num_layers = 0  # layers multiplied in so far
+        """Forget the product, ready for the next batch."""
+        self._product = LayerProduct(max_bytes=self.max_bytes)  # A_l @ ... @ A_start
+
+    @property
+    def num_layers(self) -> int:
+        """Layers multiplied in so far."""
+        return self._product.num_layers
 
     def update(self, layer: int, attn: torch.Tensor) -> None:
         """Multiply in layer ``layer``'s (0-based) post-softmax attention ``[B, heads, N, N]``."""
@@ -176,23 +274,25 @@ class RolloutAccumulator:
         if layer != expected:
             raise VitlensError(f"rollout needs consecutive layers: expected layer {expected}, got {layer}")
         a = rollout_layer_matrix(attn, self.layout, head_fusion=self.head_fusion, discard_ratio=self.discard_ratio)
-        if self._running is None:
-            self._running = a
-        else:
-            if a.shape[0] != self._running.shape[0]:
-                raise VitlensError(
-                    f"layer {layer} has batch size {a.shape[0]}, earlier layers {self._running.shape[0]}: "
-                    "use a new accumulator (or reset()) for each batch"
-                )
-            self._running = a @ self._running.to(a.device)  # each new layer multiplies from the left
-        self.num_layers += 1
+        self._product.push(a)  # each new layer multiplies from the left
+
+    def _check_any(self) -> None:
+        if self.num_layers == 0:
+            raise VitlensError(f"no layer from start_layer {self.start_layer} on was given: nothing to roll out")
 
     @property
     def running(self) -> torch.Tensor:
-        """The running product ``[B, N, N]`` so far (rows sum to 1)."""
-        if self._running is None:
-            raise VitlensError(f"no layer from start_layer {self.start_layer} on was given: nothing to roll out")
-        return self._running
+        """The whole product ``[B, N, N]`` so far (rows sum to 1); ``O(N³)`` per kept layer, where the maps need
+        only :meth:`target_weights`."""
+        self._check_any()
+        return self._product.matrix
+
+    def target_weights(self, target: RolloutTarget = "cls") -> torch.Tensor:
+        """``[B, N]``: the target token's row of the product (or the mean of the patch tokens' rows)."""
+        index = resolve_target(target, self.layout)
+        self._check_any()
+        p = self._product
+        return p.rows(target_vector(index, self.layout, p.batch_size, dtype=p.dtype, device=p.device))
 
     def result(self, *, target: RolloutTarget = "cls") -> Rollout:
         """Rollout maps read from ``target``'s row (see :data:`RolloutTarget`).
@@ -200,11 +300,7 @@ class RolloutAccumulator:
         A map whose target row has no weight on any patch (e.g. identity attention, where the class token only ever
         attends to itself) stays all zero instead of being scaled.
         """
-        index = resolve_target(target, self.layout)
-        running = self.running
-        ps = self.layout.patch_slice
-        # [B, HW]: the target token's row, or the mean of the patch tokens' rows
-        weights = running[:, ps, ps].mean(dim=1) if index is None else running[:, index, ps]
+        weights = self.target_weights(target)[:, self.layout.patch_slice]  # [B, HW]
         peak = weights.amax(dim=-1, keepdim=True)  # [B, 1]
         scaled = torch.where(peak > 0, weights / peak.clamp_min(torch.finfo(weights.dtype).tiny), 0.0)
         h, w = self.layout.grid_size

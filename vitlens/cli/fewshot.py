@@ -41,6 +41,8 @@ from vitlens.device import resolve_batch_size
 from vitlens.errors import UsageError
 
 if TYPE_CHECKING:
+    from rich.console import Console
+
     from vitlens.definitions.fewshot import FewShotProbeResult
 
 FEWSHOT_PANEL = "Few-shot"
@@ -49,8 +51,37 @@ DEFAULT_SHOTS = ",".join(str(s) for s in defaults.FEWSHOT_SHOTS)
 DEFAULT_SEEDS = defaults.FEWSHOT_SEEDS
 DEFAULT_L2 = f"{defaults.FEWSHOT_L2:g}"
 
+DEFAULT_KNN_K = ",".join(str(k) for k in defaults.FEWSHOT_KNN_K)  # DINO's eval_knn --nb_knn
+
 ShotsOpt = Annotated[
-    str, typer.Option("--shots", help="Training examples per class, comma-separated.", rich_help_panel=FEWSHOT_PANEL)
+    str,
+    typer.Option(
+        "--shots",
+        help="Training examples per class, comma-separated; or 'all': the whole training pool, one draw.",
+        rich_help_panel=FEWSHOT_PANEL,
+    ),
+]
+ProbeOpt = Annotated[
+    str,
+    typer.Option(
+        "--probe",
+        help="lsr (ridge regression, the ViT paper's) | knn (DINO's weighted k-NN on the same shots) | both.",
+        rich_help_panel=FEWSHOT_PANEL,
+    ),
+]
+KnnKOpt = Annotated[
+    str,
+    typer.Option(
+        "--knn-k",
+        help="Neighbours of the k-NN probe, comma-separated; each capped at the shots' pool size.",
+        rich_help_panel=FEWSHOT_PANEL,
+    ),
+]
+KnnTemperatureOpt = Annotated[
+    float,
+    typer.Option(
+        "--knn-temperature", help="T of the k-NN votes exp(cos / T) (DINO's 0.07).", rich_help_panel=FEWSHOT_PANEL
+    ),
 ]
 SeedsOpt = Annotated[
     int,
@@ -151,6 +182,9 @@ def fewshot(
     l2: L2Opt = DEFAULT_L2,
     layer: LayerOpt = None,
     feature: FeatureOpt = None,
+    probe: ProbeOpt = defaults.FEWSHOT_PROBE,
+    knn_k: KnnKOpt = DEFAULT_KNN_K,
+    knn_temperature: KnnTemperatureOpt = defaults.FEWSHOT_KNN_TEMPERATURE,
     allow_fewer: AllowFewerOpt = False,
     cache_dir: CacheDirOpt = None,
     no_cache: NoCacheOpt = False,
@@ -164,16 +198,31 @@ def fewshot(
     Shots come from the train split of --data (--seeds draws) and accuracy is on its test split. With --test-data,
     all of --data is the shot pool and accuracy is on all of --test-data (--split train keeps the train split only).
 
-    Writes fewshot.{png,csv,json} to --out. Features are cached: a second run does no forward pass.
+    --probe knn (or both) adds DINO's weighted k-NN on the same shot sets, from the same features.
+
+    Writes fewshot.{png,csv,json} to --out (fewshot-knn.csv for the k-NN probe). Features are cached: a second run
+    does no forward pass.
     """
+    from vitlens.analysis.knn import check_k
     from vitlens.data import open_dataset
-    from vitlens.definitions.fewshot import check_feature, check_seeds, check_split, pool_split
+    from vitlens.definitions.fewshot import (
+        check_feature,
+        check_knn_temperature,
+        check_probe,
+        check_seeds,
+        check_split,
+        is_full_pool,
+        pool_split,
+    )
     from vitlens.definitions.fewshot import fewshot as compute
 
     started = time.perf_counter()
     # Validate the command line before loading anything (the library checks again, for its own callers).
-    shot_counts, l2_value = parse_shots(shots), parse_l2(l2)
+    shot_counts, l2_value = "all" if is_full_pool(shots) else parse_shots(shots), parse_l2(l2)
     check_seeds(seeds)
+    probe = check_probe(probe)
+    ks = check_k(knn_k, name="knn_k")
+    check_knn_temperature(knn_temperature)
     feature = check_feature(feature)  # the current name, so that a deprecated one warns once
     if check_split(split) == "all" and test_data is None:
         raise UsageError(
@@ -202,6 +251,9 @@ def fewshot(
             l2=l2_value,
             layers=layer,
             feature=feature,
+            probe=probe,  # type: ignore[arg-type]
+            knn_k=ks,
+            knn_temperature=knn_temperature,
             allow_fewer=allow_fewer,
             batch_size=batch_size,
             cache_dir=cache_dir,
@@ -245,9 +297,29 @@ def parse_l2(text: str) -> float | str:
 
 
 def _summarise(result: FewShotProbeResult, out: Path, files: list[Path]) -> None:
+    console = out_console()
+    if result.probe is not None:
+        _lsr_table(result, console)
+    if result.knn is not None:
+        _knn_table(result, console)
+    base = result.probe if result.probe is not None else result.knn
+    assert base is not None
+    seeds, cache = len(base.seeds), result.cache
+    console.print(
+        f"chance (1/{base.num_classes}): {100 * base.chance:.1f}%. {seeds} seed{'s' if seeds != 1 else ''}; "
+        f"shots from {result.data} ({base.num_train} images), scored on {result.test_data} ({base.num_test} images); "
+        f"feature cache: train {cache['train']}, test {cache['test']}."
+    )
+    if base.short_classes:
+        console.print(f"fewer than {max(base.shots)} examples (all used): {', '.join(base.short_classes)}")
+    console.print(f"wrote {', '.join(f.name for f in files)} to {out}")
+
+
+def _lsr_table(result: FewShotProbeResult, console: Console) -> None:
     from rich.table import Table
 
     probe = result.probe
+    assert probe is not None
     l2 = "λ by leave-one-out" if probe.l2_auto else f"λ = {probe.l2.flat[0]:g}"
     table = Table(title=f"few-shot accuracy (%): {result.source}, {probe.feature}, {l2}", title_justify="left")
     multi = len(probe.layers) > 1
@@ -259,7 +331,7 @@ def _summarise(result: FewShotProbeResult, out: Path, files: list[Path]) -> None
         for i, shots in enumerate(probe.shots):
             row = [str(layer)] if multi else []
             row += [
-                str(shots),
+                f"all ({shots})" if result.full_pool else str(shots),
                 f"{100 * probe.mean[i, j]:.1f} ± {100 * probe.std[i, j]:.1f}",
                 " ".join(f"{100 * a:.1f}" for a in probe.accuracy[i, j]),
             ]
@@ -267,14 +339,28 @@ def _summarise(result: FewShotProbeResult, out: Path, files: list[Path]) -> None
             table.add_row(*row)
         if multi and j < len(probe.layers) - 1:
             table.add_section()
-    console = out_console()
     console.print(table)
-    seeds, cache = len(probe.seeds), result.cache
-    console.print(
-        f"chance (1/{probe.num_classes}): {100 * probe.chance:.1f}%. {seeds} seed{'s' if seeds != 1 else ''}; "
-        f"shots from {result.data} ({probe.num_train} images), scored on {result.test_data} ({probe.num_test} images); "
-        f"feature cache: train {cache['train']}, test {cache['test']}."
-    )
-    if probe.short_classes:
-        console.print(f"fewer than {max(probe.shots)} examples (all used): {', '.join(probe.short_classes)}")
-    console.print(f"wrote {', '.join(f.name for f in files)} to {out}")
+
+
+def _knn_table(result: FewShotProbeResult, console: Console) -> None:
+    """Mean ± std k-NN accuracy (%), one row per (layer,) shots count, one column per k; ``k→n`` where capped."""
+    from rich.table import Table
+
+    knn = result.knn
+    assert knn is not None
+    title = f"k-NN accuracy (%): {result.source}, {knn.feature}, T = {knn.temperature:g} (DINO's weighted vote)"
+    table = Table(title=title, title_justify="left")
+    multi = len(knn.layers) > 1
+    for name in (["layer"] if multi else []) + ["shots"] + [f"k={k}" for k in knn.k]:
+        table.add_column(name, justify="right")
+    for j, layer in enumerate(knn.layers):
+        for i, shots in enumerate(knn.shots):
+            row = ([str(layer)] if multi else []) + [f"all ({shots})" if result.full_pool else str(shots)]
+            for c, k in enumerate(knn.k):
+                used = int(knn.k_used[i, c])
+                capped = "" if used == k else f" (k={used})"
+                row.append(f"{100 * knn.mean[i, j, c]:.1f} ± {100 * knn.std[i, j, c]:.1f}{capped}")
+            table.add_row(*row)
+        if multi and j < len(knn.layers) - 1:
+            table.add_section()
+    console.print(table)

@@ -22,18 +22,22 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from vitlens.analysis.fewshot import FewShotResult
+    from vitlens.analysis.knn import KnnResult
     from vitlens.data import ImageDataset
     from vitlens.models.vit import ViT
 
 Progress = Callable[[int, int], None]  # progress(done_images, total_images)
+Probe = Literal["lsr", "knn", "both"]
+PROBES: tuple[str, ...] = ("lsr", "knn", "both")
 
 
 @dataclass(frozen=True, eq=False, repr=False)
 class FewShotProbeResult(Result):
-    """Few-shot accuracy of ridge probes on a model's frozen features, for every shots count, layer and seed.
+    """Few-shot accuracy of ridge (and k-NN) probes on a model's frozen features, per shots count, layer and seed.
 
     Attributes:
-        probe: the accuracies, λ and solver facts (:class:`~vitlens.analysis.fewshot.FewShotResult`).
+        probe: the ridge probes' accuracies, λ and solver facts (:class:`~vitlens.analysis.fewshot.FewShotResult`);
+            None when only the k-NN probe ran (``probe="knn"``).
         allow_fewer: whether classes with fewer than ``max(shots)`` examples were allowed (all of theirs used).
         source: the model it came from.
         data: the data spec of the pool the shots were drawn from.
@@ -44,9 +48,12 @@ class FewShotProbeResult(Result):
         solve_seconds: the time of the probe sweep alone (not the feature extraction), for the CLI's run metadata;
             None for a result read back by :func:`~vitlens.result.load_result`. An init-only argument kept as an
             attribute, not a field: a timing is not part of the result, so ``==`` and the files leave it out.
+        knn: DINO's weighted k-NN accuracies on the same shot sets (:class:`~vitlens.analysis.knn.KnnResult`); None
+            unless asked for (``probe="knn"`` or ``"both"``).
+        full_pool: the shots were the whole training pool (``shots="all"``, one draw), not a few per class.
     """
 
-    probe: FewShotResult
+    probe: FewShotResult | None
     allow_fewer: bool
     source: str
     data: str
@@ -55,6 +62,8 @@ class FewShotProbeResult(Result):
     depth: int
     cache: Mapping[str, str]
     prefix_tokens: tuple[str, ...] = ()  # the prefix token kinds in sequence order (cls, dist, reg)
+    knn: KnnResult | None = None
+    full_pool: bool = False
     solve_seconds: InitVar[float | None] = None
 
     analysis = "fewshot"
@@ -64,14 +73,45 @@ class FewShotProbeResult(Result):
         object.__setattr__(self, "solve_seconds", solve_seconds)
 
     @property
+    def probe_kind(self) -> Probe:
+        """Which probes ran: ``lsr``, ``knn`` or ``both``."""
+        return "lsr" if self.knn is None else "knn" if self.probe is None else "both"
+
+    @property
+    def _base(self) -> FewShotResult | KnnResult:
+        """The probe result that carries the shared facts (shots, layers, seeds, classes, pool and test sizes)."""
+        base = self.probe if self.probe is not None else self.knn
+        assert base is not None, "a FewShotProbeResult holds at least one probe"
+        return base
+
+    @property
     def heatmap(self) -> bool:
         """Whether the figure is the layer-by-shots heat map: every layer of the model probed (``layers="all"``)."""
-        return self.probe.feature != "pre-logits" and self.probe.layers == tuple(range(self.depth))
+        return self._base.feature != "pre-logits" and self._base.layers == tuple(range(self.depth))
 
     # ---------------------------------------------------------------------------------------------- numbers
     def to_dict(self) -> dict[str, Any]:
+        if self.probe is not None:
+            head = self.probe.to_dict()
+        else:  # k-NN only: the facts the ridge probe's dict would have given
+            base = self._base
+            head = {
+                "shots": list(base.shots),
+                "layers": list(base.layers),
+                "seeds": list(base.seeds),
+                "feature": base.feature,
+                "num_classes": base.num_classes,
+                "chance": base.chance,
+                "num_train": base.num_train,
+                "num_test": base.num_test,
+                "short_classes": dict(base.short_classes),
+            }
+        # Keys are added only when the k-NN probe or the full pool was asked for: --probe lsr files stay as they were.
+        extra: dict[str, Any] = {"probe": self.probe_kind, "knn": self.knn.to_dict()} if self.knn is not None else {}
+        if self.full_pool:
+            extra["full_pool"] = True
         return {
-            **self.probe.to_dict(),
+            **head,
             "allow_fewer": self.allow_fewer,
             "source": self.source,
             "data": self.data,
@@ -80,26 +120,52 @@ class FewShotProbeResult(Result):
             "depth": self.depth,
             "cache": dict(self.cache),
             "prefix_tokens": list(self.prefix_tokens),
+            **extra,
         }
 
     def _shown_layer(self) -> int:
-        """The column of ``probe.layers`` the headline reads: the only one, or the best at the most shots."""
-        return int(self.probe.mean[-1].argmax())
+        """The column of ``layers`` the headline reads: the only one, or the best at the most shots (the ridge
+        probe's best when it ran, else the k-NN's best over every k)."""
+        if self.probe is not None:
+            return int(self.probe.mean[-1].argmax())
+        assert self.knn is not None
+        return int(self.knn.mean[-1].max(axis=-1).argmax())
+
+    def _shown_k(self, j: int) -> int:
+        """The column of ``knn.k`` the headline reads: the best k at the most shots in layer column ``j``."""
+        assert self.knn is not None
+        return int(self.knn.mean[-1, j].argmax())
+
+    def _shots_text(self) -> str:
+        return "full-pool" if self.full_pool else f"{self._base.shots[-1]}-shot"
 
     def summary(self) -> str:
-        j, probe = self._shown_layer(), self.probe
-        shots, accuracy, chance = probe.shots[-1], 100 * float(probe.mean[-1, j]), 100 * probe.chance
-        if len(probe.layers) == 1:
-            return f"{shots}-shot accuracy {accuracy:.1f}% (chance {chance:.1f}%)"
-        best = f"layer {probe.layers[j]}, best of {len(probe.layers)} layers"
-        return f"{shots}-shot accuracy {accuracy:.1f}% ({best}; chance {chance:.1f}%)"
+        j, base = self._shown_layer(), self._base
+        shots, chance = self._shots_text(), 100 * base.chance
+        where = "" if len(base.layers) == 1 else f"layer {base.layers[j]}, best of {len(base.layers)} layers; "
+        knn = ""
+        if self.knn is not None:
+            c = self._shown_k(j)
+            k, used = self.knn.k[c], int(self.knn.k_used[-1, c])
+            k_text = f"k={k}" if used == k else f"k={k}, capped at the pool's {used}"
+            knn = f"{100 * float(self.knn.mean[-1, j, c]):.1f}% (best {k_text})"
+        if self.probe is None:
+            return f"{shots} k-NN accuracy {knn} ({where}chance {chance:.1f}%)"
+        accuracy = 100 * float(self.probe.mean[-1, j])
+        line = f"{shots} accuracy {accuracy:.1f}% ({where}chance {chance:.1f}%)"
+        return line if self.knn is None else f"{line}; k-NN {knn}"
 
     def key_numbers(self) -> dict[str, Any]:
-        j, probe = self._shown_layer(), self.probe
-        numbers: dict[str, Any] = {"data": self.data, "seeds": len(probe.seeds), "chance": float(probe.chance)}
-        if len(probe.layers) > 1:
-            numbers["layer"] = probe.layers[j]
-        numbers["mean_accuracy"] = {str(s): float(probe.mean[i, j]) for i, s in enumerate(probe.shots)}
+        j, base = self._shown_layer(), self._base
+        numbers: dict[str, Any] = {"data": self.data, "seeds": len(base.seeds), "chance": float(base.chance)}
+        if len(base.layers) > 1:
+            numbers["layer"] = base.layers[j]
+        if self.probe is not None:
+            numbers["mean_accuracy"] = {str(s): float(self.probe.mean[i, j]) for i, s in enumerate(self.probe.shots)}
+        if self.knn is not None:
+            c = self._shown_k(j)
+            numbers["knn_k"] = self.knn.k[c]
+            numbers["knn_mean_accuracy"] = {str(s): float(self.knn.mean[i, j, c]) for i, s in enumerate(base.shots)}
         return numbers
 
     # ---------------------------------------------------------------------------------------------- drawing
@@ -107,32 +173,51 @@ class FewShotProbeResult(Result):
         return "heatmap" if self.heatmap else None
 
     def plot(self, ax: Axes | None = None) -> Axes:
-        """Accuracy against shots, one line per layer; the layer-by-shots heat map for every layer or many."""
-        from vitlens.plotting.fewshot import plot_fewshot
+        """The ridge probe's panel (accuracy against shots, one line per layer; the layer-by-shots heat map for every
+        layer or many); the k-NN panel when only the k-NN probe ran."""
+        from vitlens.plotting.fewshot import plot_fewshot, plot_knn
 
+        if self.probe is None:
+            assert self.knn is not None
+            return plot_knn(self.knn, ax=ax, layer=self._shown_layer(), full_pool=self.full_pool)
         return plot_fewshot(self.probe, ax=ax, kind=self._kind())
 
     def figure(self) -> Figure:
-        from vitlens.plotting.fewshot import fewshot_figure
+        from vitlens.plotting.fewshot import fewshot_figure, fewshot_knn_figure
 
-        return fewshot_figure(self.probe, kind=self._kind())
+        if self.knn is None:
+            assert self.probe is not None
+            return fewshot_figure(self.probe, kind=self._kind())
+        layer, kind = self._shown_layer(), self._kind()
+        return fewshot_knn_figure(self.probe, self.knn, layer=layer, kind=kind, full_pool=self.full_pool)
 
     # ---------------------------------------------------------------------------------------------- files
     def _write(self, out: Path, fmt: str, payload: dict[str, Any]) -> list[Path]:
-        """fewshot.csv (one row per shots, layer and seed), fewshot.json and fewshot.<fmt>."""
+        """fewshot.csv (ridge: one row per shots, layer and seed), fewshot-knn.csv (k-NN: one row per shots, layer,
+        seed and k), fewshot.json and fewshot.<fmt>; each CSV only for the probe that ran."""
         from vitlens.io import ensure_out_dir, write_json, write_text
         from vitlens.plotting.style import save_figure
 
-        probe = self.probe
+        probe, knn = self.probe, self.knn
         fig = self.figure()
-        rows = ["shots,layer,seed,accuracy,l2"]
-        for i, shots in enumerate(probe.shots):
-            for j, layer in enumerate(probe.layers):
-                for s, seed in enumerate(probe.seeds):
-                    rows.append(f"{shots},{layer},{seed},{probe.accuracy[i, j, s]:.6g},{probe.l2[i, j]:g}")
+        tables: dict[str, list[str]] = {}
+        if probe is not None:
+            rows = tables["fewshot.csv"] = ["shots,layer,seed,accuracy,l2"]
+            for i, shots in enumerate(probe.shots):
+                for j, layer in enumerate(probe.layers):
+                    for s, seed in enumerate(probe.seeds):
+                        rows.append(f"{shots},{layer},{seed},{probe.accuracy[i, j, s]:.6g},{probe.l2[i, j]:g}")
+        if knn is not None:
+            rows = tables["fewshot-knn.csv"] = ["shots,layer,seed,k,k_used,accuracy"]
+            for i, shots in enumerate(knn.shots):
+                for j, layer in enumerate(knn.layers):
+                    for s, seed in enumerate(knn.seeds):
+                        for c, k in enumerate(knn.k):
+                            used, accuracy = knn.k_used[i, c], knn.accuracy[i, j, s, c]
+                            rows.append(f"{shots},{layer},{seed},{k},{used},{accuracy:.6g}")
         out = ensure_out_dir(out)
         return [
-            write_text(out / "fewshot.csv", "\n".join(rows) + "\n"),
+            *(write_text(out / name, "\n".join(rows) + "\n") for name, rows in tables.items()),
             write_json(out / "fewshot.json", payload),
             save_figure(fig, out / f"fewshot.{fmt}", fmt=fmt),  # type: ignore[arg-type]
         ]
@@ -147,6 +232,14 @@ class FewShotProbeResult(Result):
         # fewshot.json holds every number exactly (JSON floats round-trip); the CSV rounds to 6 digits.
         shots, layers = tuple(payload["shots"]), tuple(payload["layers"])
         seeds = tuple(payload["seeds"])
+        feature = DEPRECATED_FEATURES.get(payload["feature"], payload["feature"])  # files written before a rename
+        facts = (bool(payload["allow_fewer"]), payload["source"], payload["data"], payload["test_data"])
+        rest = (tuple(payload["classes"]), int(payload["depth"]), dict(payload["cache"]))
+        prefix = tuple(payload.get("prefix_tokens", ()))
+        knn = _read_knn(payload, shots, layers, seeds, feature) if "knn" in payload else None
+        full_pool = bool(payload.get("full_pool", False))
+        if payload.get("probe") == "knn":
+            return cls(None, *facts, *rest, prefix, knn=knn, full_pool=full_pool)
         accuracy = np.zeros((len(shots), len(layers), len(seeds)))  # [S, L, seeds]
         l2 = np.zeros((len(shots), len(layers)))  # [S, L]
         methods = [""] * len(shots)
@@ -167,11 +260,39 @@ class FewShotProbeResult(Result):
             num_train=int(payload["num_train"]),
             num_test=int(payload["num_test"]),
             short_classes=dict(payload["short_classes"]),
-            feature=DEPRECATED_FEATURES.get(payload["feature"], payload["feature"]),  # files written before a rename
+            feature=feature,
         )
-        facts = (bool(payload["allow_fewer"]), payload["source"], payload["data"], payload["test_data"])
-        rest = (tuple(payload["classes"]), int(payload["depth"]), dict(payload["cache"]))
-        return cls(probe, *facts, *rest, tuple(payload.get("prefix_tokens", ())))
+        return cls(probe, *facts, *rest, prefix, knn=knn, full_pool=full_pool)
+
+
+def _read_knn(
+    payload: dict[str, Any], shots: tuple[int, ...], layers: tuple[int, ...], seeds: tuple[int, ...], feature: str
+) -> KnnResult:
+    """The k-NN probe's result from the ``knn`` entry of fewshot.json."""
+    from vitlens.analysis.knn import KnnResult
+
+    entry = payload["knn"]
+    k = tuple(entry["k"])
+    accuracy = np.zeros((len(shots), len(layers), len(seeds), len(k)))  # [S, L, seeds, len(k)]
+    k_used = np.zeros((len(shots), len(k)), dtype=np.int64)  # [S, len(k)]
+    for row in entry["results"]:
+        i, j, c = shots.index(row["shots"]), layers.index(row["layer"]), k.index(row["k"])
+        accuracy[i, j, :, c] = row["per_seed"]
+        k_used[i, c] = row["k_used"]
+    return KnnResult(
+        accuracy=accuracy,
+        k=k,
+        k_used=k_used,
+        temperature=float(entry["temperature"]),
+        shots=shots,
+        layers=layers,
+        seeds=seeds,
+        num_classes=int(payload["num_classes"]),
+        num_train=int(payload["num_train"]),
+        num_test=int(payload["num_test"]),
+        short_classes=dict(payload["short_classes"]),
+        feature=feature,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -227,6 +348,30 @@ def check_feature(feature: Any) -> str | None:
     value = canonical_feature(feature.strip().lower()) if isinstance(feature, str) else feature
     if value not in FEATURE_KINDS:
         raise ParameterError("feature", f"feature must be one of {', '.join(FEATURE_KINDS)}, not {feature!r}")
+    return value
+
+
+def check_probe(probe: Any) -> Probe:
+    """``probe``, lower-cased: ``lsr`` (ridge regression), ``knn`` (DINO's weighted k-NN) or ``both``."""
+    value = probe.strip().lower() if isinstance(probe, str) else probe
+    if value not in PROBES:
+        raise ParameterError("probe", f"probe must be one of {', '.join(PROBES)}, not {probe!r}")
+    return value  # type: ignore[return-value]
+
+
+def is_full_pool(shots: Any) -> bool:
+    """Whether ``shots`` is ``"all"``: the whole training pool, one draw, instead of a few examples per class."""
+    return isinstance(shots, str) and shots.strip().lower() == "all"
+
+
+def check_knn_temperature(temperature: Any) -> float:
+    """``knn_temperature``, ``T`` of the k-NN votes ``exp(sim / T)``: a positive finite number."""
+    try:
+        value = math.nan if isinstance(temperature, bool) else float(temperature)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ParameterError("knn_temperature", f"knn_temperature must be a positive number, not {temperature!r}")
     return value
 
 
@@ -364,6 +509,9 @@ def fewshot(
     l2: float | Literal["auto"] = defaults.FEWSHOT_L2,
     layers: Sequence[int] | int | str | None = None,
     feature: Literal["pre-logits", "cls", "mean-patch"] | None = None,
+    probe: Probe = defaults.FEWSHOT_PROBE,  # type: ignore[assignment]
+    knn_k: Sequence[int] | str = defaults.FEWSHOT_KNN_K,
+    knn_temperature: float = defaults.FEWSHOT_KNN_TEMPERATURE,
     num_images: int | None = None,
     allow_fewer: bool = False,
     batch_size: int | None = None,
@@ -390,7 +538,8 @@ def fewshot(
         split: the part of a ``data`` spec that is the pool of shots: ``train`` or ``all``. None: ``train`` without
             ``test_data`` (its test split is scored), ``all`` with it (nothing of ``data`` is scored, so none of it is
             held out; a plain folder or digits would otherwise lose its 20% test split).
-        shots: training examples per class, e.g. ``(1, 5, 10, 25)`` (big_vision's) or ``"1,5,10"``.
+        shots: training examples per class, e.g. ``(1, 5, 10, 25)`` (big_vision's) or ``"1,5,10"``; or ``"all"``:
+            the whole pool, one draw (``seeds`` is then 1), reported as one shots count, the largest class's size.
         seeds: random shot draws per shots count (seeds ``0 .. seeds-1``).
         l2: the ridge penalty λ (big_vision's 2¹⁰), or ``"auto"``: chosen per shots count and layer by leave-one-out
             on the training shots (never on the test images).
@@ -400,6 +549,10 @@ def fewshot(
             the block) or ``mean-patch`` (the mean of the patch tokens after the block; ``gap``, its old name, still
             works with a warning); with ``layers`` the default is ``cls``, or ``mean-patch`` for models without a
             class token.
+        probe: ``lsr`` (the ridge probe), ``knn`` (DINO's weighted k-NN, :func:`vitlens.analysis.knn.fewshot_knn`,
+            on the same shot sets) or ``both``; every probe reads the same features (one extraction, one cache entry).
+        knn_k: numbers of neighbours of the k-NN probe (DINO's 10, 20, 100, 200), each capped at the shots' pool.
+        knn_temperature: ``T`` of the k-NN votes ``exp(sim / T)`` (DINO's 0.07).
         num_images: a stratified subset of this many images of each split opened from a spec; None for all.
         allow_fewer: use all examples of classes with fewer than ``max(shots)`` instead of failing.
         batch_size: images per forward pass; None for the device's default.
@@ -417,14 +570,19 @@ def fewshot(
         VitlensError: unlabelled data, test classes unlike the pool's, a class short of shots (unless
             ``allow_fewer``), ``cls`` on a model without a class token, or an image that cannot be read.
     """
+    import dataclasses
     import time
 
-    from vitlens.analysis.fewshot import check_shot_pool, fewshot_lsr
+    from vitlens.analysis.fewshot import check_shot_pool, class_counts, fewshot_lsr
+    from vitlens.analysis.knn import check_k, fewshot_knn
     from vitlens.feature_cache import cached_features
     from vitlens.features import resolve_feature_layers
     from vitlens.log import logger
 
-    shot_counts, seeds, l2 = check_shots(shots), check_seeds(seeds), check_l2(l2)
+    full_pool = is_full_pool(shots)
+    shot_counts, seeds, l2 = (1,) if full_pool else check_shots(shots), check_seeds(seeds), check_l2(l2)
+    probe = check_probe(probe)
+    ks, temperature = check_k(knn_k, name="knn_k"), check_knn_temperature(knn_temperature)
     kind = check_feature(feature)
     check_split(split)
     _check_count("num_images", num_images, "be a positive number")
@@ -440,11 +598,13 @@ def fewshot(
 
     pool, test = _pool_and_test(vit, data, test_data, split, num_images)
     classes = list(pool.classes or [])
+    if full_pool:  # every class gives all its examples: one draw of the whole pool (the probes ignore the order)
+        shot_counts, seeds, allow_fewer = (int(class_counts(pool.labels, len(classes)).max()),), 1, True
     # Fails here, before any forward pass, on a single class or a class short of examples.
     short = check_shot_pool(
         pool.labels, shots=shot_counts, num_classes=len(classes), class_names=classes, allow_fewer=allow_fewer
     )
-    if short:
+    if short and not full_pool:
         listed = ", ".join(f"{name!r} ({count})" for name, count in short.items())
         logger.warning(f"fewer than {max(shot_counts)} training examples in class {listed}: using all (allow_fewer)")
 
@@ -464,23 +624,37 @@ def fewshot(
             progress=report,
         )
     started = time.perf_counter()
-    probe = fewshot_lsr(
-        feats["train"],
-        pool.labels,
-        feats["test"],
-        test.labels,
-        shots=shot_counts,
-        seeds=seeds,
-        l2=l2,
-        device=vit.device,
-        num_classes=len(classes),
-        class_names=classes,
-        allow_fewer=allow_fewer,
-        feature=kind,
-    )
+    # Both probes read the same features and draw the same shots (same seeds, shot_indices).
+    common = {
+        "shots": shot_counts,
+        "seeds": seeds,
+        "device": vit.device,
+        "num_classes": len(classes),
+        "class_names": classes,
+        "allow_fewer": allow_fewer,
+        "feature": kind,
+    }
+    lsr = None
+    if probe in ("lsr", "both"):
+        lsr = fewshot_lsr(feats["train"], pool.labels, feats["test"], test.labels, l2=l2, **common)  # type: ignore[arg-type]
+    knn = None
+    if probe in ("knn", "both"):
+        knn = fewshot_knn(
+            feats["train"],
+            pool.labels,
+            feats["test"],
+            test.labels,
+            k=ks,
+            temperature=temperature,
+            **common,  # type: ignore[arg-type]
+        )
+    if full_pool:  # every class short of the largest is expected, not worth listing
+        lsr = None if lsr is None else dataclasses.replace(lsr, short_classes={})
+        knn = None if knn is None else dataclasses.replace(knn, short_classes={})
     solve_seconds = time.perf_counter() - started
     facts = (bool(allow_fewer), vit.source, pool.spec, test.spec, tuple(classes), vit.depth, cache)
-    return FewShotProbeResult(probe, *facts, tuple(vit.layout.prefix_kinds), solve_seconds=solve_seconds)
+    prefix = tuple(vit.layout.prefix_kinds)
+    return FewShotProbeResult(lsr, *facts, prefix, knn=knn, full_pool=full_pool, solve_seconds=solve_seconds)
 
 
 def _section(run: Any) -> FewShotProbeResult:
