@@ -11,30 +11,19 @@ import typer
 from vitlens import defaults
 from vitlens.cli.console import out_console, print_json, progress_bar, run_metadata
 from vitlens.cli.options import (
-    ArchOpt,
     BatchSizeOpt,
-    CheckpointKeyOpt,
-    CropPctOpt,
     DataOpt,
     DataRootOpt,
-    DeviceOpt,
     DownloadOpt,
     FormatOpt,
-    ImgSizeOpt,
-    InterpolationOpt,
     JsonOpt,
-    MeanOpt,
-    ModelArg,
-    ModelKwargsOpt,
     ModelOptions,
-    NumHeadsOpt,
     NumImagesOpt,
     OutOpt,
-    PretrainedOpt,
     QuietOpt,
     SplitOpt,
-    StdOpt,
     check_format,
+    with_model_options,
 )
 from vitlens.device import resolve_batch_size
 
@@ -53,19 +42,9 @@ RenormalizeOpt = Annotated[
 ]
 
 
+@with_model_options
 def attention_distance(
-    model: ModelArg = None,
-    arch: ArchOpt = None,
-    num_heads: NumHeadsOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    img_size: ImgSizeOpt = None,
-    device: DeviceOpt = "auto",
-    pretrained: PretrainedOpt = True,
-    checkpoint_key: CheckpointKeyOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    crop_pct: CropPctOpt = None,
-    interpolation: InterpolationOpt = None,
+    vit_options: ModelOptions,
     data: DataOpt = "digits",
     split: SplitOpt = "test",
     num_images: NumImagesOpt = defaults.ATTENTION_DISTANCE_NUM_IMAGES,
@@ -87,7 +66,7 @@ def attention_distance(
 
     started = time.perf_counter()
     fmt = check_format(fmt)
-    vit = ModelOptions.of(locals()).load()
+    vit = vit_options.load()
     batch_size = resolve_batch_size(batch_size, vit.device)
     dataset = open_dataset(
         data, vit.preprocess, split=split, num_images=num_images, data_root=data_root, download=download

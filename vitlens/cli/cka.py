@@ -12,30 +12,19 @@ import typer
 from vitlens import defaults
 from vitlens.cli.console import out_console, print_json, progress_bar, run_metadata
 from vitlens.cli.options import (
-    ArchOpt,
     BatchSizeOpt,
-    CheckpointKeyOpt,
-    CropPctOpt,
     DataOpt,
     DataRootOpt,
-    DeviceOpt,
     DownloadOpt,
     FormatOpt,
-    ImgSizeOpt,
-    InterpolationOpt,
     JsonOpt,
-    MeanOpt,
-    ModelArg,
-    ModelKwargsOpt,
     ModelOptions,
-    NumHeadsOpt,
     NumImagesOpt,
     OutOpt,
-    PretrainedOpt,
     QuietOpt,
     SplitOpt,
-    StdOpt,
     check_format,
+    with_model_options,
 )
 from vitlens.device import resolve_batch_size
 from vitlens.errors import ParameterError
@@ -99,20 +88,10 @@ def _parse_layers(text: str | None, param: str) -> list[int] | None:
         raise ParameterError(param, f"{param} must be comma-separated integers, not {text!r}") from None
 
 
+@with_model_options
 def cka(
-    model: ModelArg = None,
+    vit_options: ModelOptions,
     model_b: ModelBArg = None,
-    arch: ArchOpt = None,
-    num_heads: NumHeadsOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    img_size: ImgSizeOpt = None,
-    device: DeviceOpt = "auto",
-    pretrained: PretrainedOpt = True,
-    checkpoint_key: CheckpointKeyOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    crop_pct: CropPctOpt = None,
-    interpolation: InterpolationOpt = None,
     data: DataOpt = "digits",
     split: SplitOpt = "test",
     num_images: NumImagesOpt = defaults.CKA_NUM_IMAGES,
@@ -142,11 +121,11 @@ def cka(
     fmt = check_format(fmt)
     chosen = _parse_layers(layers, "layers")
     chosen_b = _parse_layers(layers_b, "layers_b")
-    vit = ModelOptions.of(locals()).load()
+    vit = vit_options.load()
     vit_b = None
     if model_b is not None:
         logger.info(f"model B {model_b}: loaded with the loader's defaults (the model options apply to MODEL only)")
-        vit_b = load_vit(model_b, device=device)
+        vit_b = load_vit(model_b, device=vit_options.device)
     check_tokens(vit, vit_b, tokens)  # before any image is read
     batch_size = resolve_batch_size(batch_size, vit.device)
     dataset = open_dataset(

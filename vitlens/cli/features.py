@@ -12,30 +12,19 @@ from vitlens import defaults
 from vitlens.cli.console import out_console, print_json, progress_bar, run_metadata
 from vitlens.cli.options import (
     DATA_PANEL,
-    ArchOpt,
     BatchSizeOpt,
-    CheckpointKeyOpt,
-    CropPctOpt,
     DataRootOpt,
-    DeviceOpt,
     DownloadOpt,
     FormatOpt,
-    ImgSizeOpt,
-    InterpolationOpt,
     JsonOpt,
-    MeanOpt,
-    ModelArg,
-    ModelKwargsOpt,
     ModelOptions,
-    NumHeadsOpt,
     NumImagesOpt,
     OutOpt,
-    PretrainedOpt,
     QuietOpt,
     SplitOpt,
-    StdOpt,
     check_format,
     check_num_images,
+    with_model_options,
 )
 from vitlens.device import resolve_batch_size
 from vitlens.errors import UsageError
@@ -92,20 +81,10 @@ ForegroundOpt = Annotated[
 ]
 
 
+@with_model_options
 def features(
-    model: ModelArg = None,
+    vit_options: ModelOptions,
     images: ImagesArg = None,
-    arch: ArchOpt = None,
-    num_heads: NumHeadsOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    img_size: ImgSizeOpt = None,
-    device: DeviceOpt = "auto",
-    pretrained: PretrainedOpt = True,
-    checkpoint_key: CheckpointKeyOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    crop_pct: CropPctOpt = None,
-    interpolation: InterpolationOpt = None,
     data: SourceDataOpt = None,
     split: SplitOpt = "test",
     num_images: NumImagesOpt = None,
@@ -125,7 +104,7 @@ def features(
     Writes features.png (each photo beside its map), features.npz and features.json to --out.
     """
     from vitlens.analysis.features_pca import check_foreground, check_num_components
-    from vitlens.data import IMAGE_EXTENSIONS, open_dataset
+    from vitlens.data import open_dataset
     from vitlens.definitions.features_pca import features_pca
 
     started = time.perf_counter()
@@ -134,15 +113,13 @@ def features(
     foreground_value = check_foreground(foreground)
     check_num_images(num_images)
     fmt = check_format(fmt)
-    images = list(images or [])
-    if model is not None and (Path(model).suffix.lower() in IMAGE_EXTENSIONS or Path(model).expanduser().is_dir()):
-        images, model = [model, *images], None  # `vitlens features photo.jpg`: the default model on a photo
+    vit_options, images = vit_options.images_first(images)
     if images and data is not None:
         raise UsageError("give IMAGE files or --data, not both")
     if not images and data is None:
         raise UsageError("no images: pass IMAGE files (or a folder), or --data SPEC [--num-images N]")
 
-    vit = ModelOptions.of(locals()).load()
+    vit = vit_options.load()
     batch_size = resolve_batch_size(batch_size, vit.device)
     source: ImageDataset | list[str] = images
     if data is not None:

@@ -12,30 +12,19 @@ from vitlens import defaults
 from vitlens.cli.console import out_console, print_json, progress_bar, run_metadata
 from vitlens.cli.options import (
     DATA_PANEL,
-    ArchOpt,
     BatchSizeOpt,
-    CheckpointKeyOpt,
-    CropPctOpt,
     DataOpt,
     DataRootOpt,
-    DeviceOpt,
     DownloadOpt,
     FormatOpt,
-    ImgSizeOpt,
-    InterpolationOpt,
     JsonOpt,
-    MeanOpt,
-    ModelArg,
-    ModelKwargsOpt,
     ModelOptions,
-    NumHeadsOpt,
     NumImagesOpt,
     OutOpt,
-    PretrainedOpt,
     QuietOpt,
-    StdOpt,
     check_format,
     check_num_images,
+    with_model_options,
 )
 from vitlens.device import resolve_batch_size
 from vitlens.errors import UsageError
@@ -157,19 +146,9 @@ NoCacheOpt = Annotated[
 ]
 
 
+@with_model_options
 def fewshot(
-    model: ModelArg = None,
-    arch: ArchOpt = None,
-    num_heads: NumHeadsOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    img_size: ImgSizeOpt = None,
-    device: DeviceOpt = "auto",
-    pretrained: PretrainedOpt = True,
-    checkpoint_key: CheckpointKeyOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    crop_pct: CropPctOpt = None,
-    interpolation: InterpolationOpt = None,
+    vit_options: ModelOptions,
     data: DataOpt = "digits",
     test_data: TestDataOpt = None,
     split: PoolSplitOpt = None,
@@ -233,7 +212,7 @@ def fewshot(
     check_num_images(num_images)
     fmt = check_format(fmt)
 
-    vit = ModelOptions.of(locals()).load()
+    vit = vit_options.load()
     batch_size = resolve_batch_size(batch_size, vit.device)
     common = {"num_images": num_images, "data_root": data_root, "download": download, "require_labels": True}
     pool = open_dataset(data, vit.preprocess, split=part, **common)

@@ -11,24 +11,13 @@ import typer
 from vitlens.cli.console import out_console, print_json, run_metadata
 from vitlens.cli.options import (
     OUTPUT_PANEL,
-    ArchOpt,
-    CheckpointKeyOpt,
-    CropPctOpt,
-    DeviceOpt,
     FormatOpt,
-    ImgSizeOpt,
-    InterpolationOpt,
     JsonOpt,
-    MeanOpt,
-    ModelArg,
-    ModelKwargsOpt,
     ModelOptions,
-    NumHeadsOpt,
     OutOpt,
-    PretrainedOpt,
     QuietOpt,
-    StdOpt,
     check_format,
+    with_model_options,
 )
 
 if TYPE_CHECKING:
@@ -47,19 +36,9 @@ ComponentsOpt = Annotated[
 SUMMARY_ROWS = 5  # components listed in the terminal summary; the rest are in filters.json
 
 
+@with_model_options
 def filters(
-    model: ModelArg = None,
-    arch: ArchOpt = None,
-    num_heads: NumHeadsOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    img_size: ImgSizeOpt = None,
-    device: DeviceOpt = "auto",
-    pretrained: PretrainedOpt = True,
-    checkpoint_key: CheckpointKeyOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    crop_pct: CropPctOpt = None,
-    interpolation: InterpolationOpt = None,
+    vit_options: ModelOptions,
     components: ComponentsOpt = None,
     out: OutOpt = Path("vitlens-out"),
     fmt: FormatOpt = "png",
@@ -74,7 +53,7 @@ def filters(
 
     started = time.perf_counter()
     fmt = check_format(fmt)
-    vit = ModelOptions.of(locals()).load()
+    vit = vit_options.load()
     result = compute(vit, num_components=components)
     meta = run_metadata(started, command="filters", device=str(vit.device))
     files = result.save(out, fmt, meta=meta)

@@ -11,37 +11,16 @@ from rich.table import Table
 
 from vitlens.cli.console import out_console, print_json, run_metadata
 from vitlens.cli.options import (
-    ArchOpt,
-    CheckpointKeyOpt,
-    CropPctOpt,
-    DeviceOpt,
-    ImgSizeOpt,
-    InterpolationOpt,
     JsonOpt,
-    MeanOpt,
-    ModelArg,
-    ModelKwargsOpt,
     ModelOptions,
-    NumHeadsOpt,
-    PretrainedOpt,
     QuietOpt,
-    StdOpt,
+    with_model_options,
 )
 
 
+@with_model_options
 def info(
-    model: ModelArg = None,
-    arch: ArchOpt = None,
-    num_heads: NumHeadsOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    img_size: ImgSizeOpt = None,
-    device: DeviceOpt = "auto",
-    pretrained: PretrainedOpt = True,
-    checkpoint_key: CheckpointKeyOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    crop_pct: CropPctOpt = None,
-    interpolation: InterpolationOpt = None,
+    vit_options: ModelOptions,
     out: Annotated[Path | None, typer.Option("--out", help="Also write info.json here.")] = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -51,7 +30,7 @@ def info(
     Also the source format, what was converted, what was dropped, and what was guessed (and why).
     """
     started = time.perf_counter()
-    opts = ModelOptions.of(locals())
+    opts = vit_options
     vit = opts.load()
     facts = vit.describe()
     if out is not None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -175,6 +177,51 @@ QuietOpt = Annotated[
 ]
 
 
+# The model options every command that loads a model takes, in order: (parameter, annotation, default).
+_MODEL_PARAMETERS = (
+    ("model", ModelArg, None),
+    ("arch", ArchOpt, None),
+    ("num_heads", NumHeadsOpt, None),
+    ("model_kwargs", ModelKwargsOpt, None),
+    ("img_size", ImgSizeOpt, None),
+    ("device", DeviceOpt, "auto"),
+    ("pretrained", PretrainedOpt, True),
+    ("checkpoint_key", CheckpointKeyOpt, None),
+    ("mean", MeanOpt, None),
+    ("std", StdOpt, None),
+    ("crop_pct", CropPctOpt, None),
+    ("interpolation", InterpolationOpt, None),
+)
+
+
+def with_model_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Give ``command`` the model options (MODEL, ``--arch``, ``--num-heads``, ... ``--interpolation``) in place of
+    its ``vit_options: ModelOptions`` parameter, so that they are declared once and mean the same in every command.
+
+    Typer reads a command's options from its signature: the wrapper's signature starts with the MODEL argument (the
+    first positional argument of every command) and lists the other eleven options where ``vit_options`` stood; the
+    wrapper hands the command one :class:`ModelOptions` built from them.
+    """
+    signature = inspect.signature(command, eval_str=True)
+    if "vit_options" not in signature.parameters:
+        raise TypeError(f"{command.__name__} has no vit_options parameter")
+    (model, *options) = (
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=annotation)
+        for name, annotation, default in _MODEL_PARAMETERS
+    )
+    parameters = [model]
+    for parameter in signature.parameters.values():
+        parameters += options if parameter.name == "vit_options" else [parameter]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> Any:
+        options = ModelOptions(**{name: kwargs.pop(name) for name, _, _ in _MODEL_PARAMETERS})
+        return command(vit_options=options, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
+    return wrapper
+
+
 @dataclass(frozen=True)
 class ModelOptions:
     """The model options of a command, parsed once."""
@@ -196,6 +243,19 @@ class ModelOptions:
     def of(cls, params: Mapping[str, Any]) -> ModelOptions:
         """The model options among a command's parameters (``locals()`` of the command: names are the fields')."""
         return cls(**{f.name: params[f.name] for f in fields(cls) if f.name in params})
+
+    def images_first(self, images: list[str] | None) -> tuple[ModelOptions, list[str]]:
+        """``vitlens rollout photo.jpg``: a MODEL argument that is an image file or a folder is the first image, and
+        the model is the default one. Returns the options and the images."""
+        from dataclasses import replace
+
+        from vitlens.data import IMAGE_EXTENSIONS
+
+        images = list(images or [])
+        model = self.model
+        if model is not None and (Path(model).suffix.lower() in IMAGE_EXTENSIONS or Path(model).expanduser().is_dir()):
+            return replace(self, model=None), [model, *images]
+        return self, images
 
     def kwargs(self) -> dict[str, Any]:
         if not self.model_kwargs:

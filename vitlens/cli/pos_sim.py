@@ -8,24 +8,13 @@ from typing import TYPE_CHECKING
 
 from vitlens.cli.console import out_console, print_json, run_metadata
 from vitlens.cli.options import (
-    ArchOpt,
-    CheckpointKeyOpt,
-    CropPctOpt,
-    DeviceOpt,
     FormatOpt,
-    ImgSizeOpt,
-    InterpolationOpt,
     JsonOpt,
-    MeanOpt,
-    ModelArg,
-    ModelKwargsOpt,
     ModelOptions,
-    NumHeadsOpt,
     OutOpt,
-    PretrainedOpt,
     QuietOpt,
-    StdOpt,
     check_format,
+    with_model_options,
 )
 
 if TYPE_CHECKING:
@@ -34,19 +23,9 @@ if TYPE_CHECKING:
 SUMMARY_DISTANCES = 6  # nearest distances listed in the terminal summary (plus the farthest); all are in the JSON
 
 
+@with_model_options
 def pos_sim(
-    model: ModelArg = None,
-    arch: ArchOpt = None,
-    num_heads: NumHeadsOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    img_size: ImgSizeOpt = None,
-    device: DeviceOpt = "auto",
-    pretrained: PretrainedOpt = True,
-    checkpoint_key: CheckpointKeyOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    crop_pct: CropPctOpt = None,
-    interpolation: InterpolationOpt = None,
+    vit_options: ModelOptions,
     out: OutOpt = Path("vitlens-out"),
     fmt: FormatOpt = "png",
     json_: JsonOpt = False,
@@ -61,7 +40,7 @@ def pos_sim(
 
     started = time.perf_counter()
     fmt = check_format(fmt)
-    vit = ModelOptions.of(locals()).load()
+    vit = vit_options.load()
     result = compute(vit)
     meta = run_metadata(started, command="pos-sim", device=str(vit.device))
     files = result.save(out, fmt, meta=meta)

@@ -13,28 +13,17 @@ from vitlens.cli.console import err_console, out_console, print_json, run_metada
 from vitlens.cli.fewshot import L2Opt, NoCacheOpt, SeedsOpt, ShotsOpt, parse_l2, parse_shots
 from vitlens.cli.options import (
     DATA_PANEL,
-    ArchOpt,
     BatchSizeOpt,
-    CheckpointKeyOpt,
-    CropPctOpt,
     DataOpt,
     DataRootOpt,
-    DeviceOpt,
     DownloadOpt,
-    ImgSizeOpt,
-    InterpolationOpt,
     JsonOpt,
-    MeanOpt,
-    ModelArg,
-    ModelKwargsOpt,
     ModelOptions,
-    NumHeadsOpt,
     OutOpt,
-    PretrainedOpt,
     QuietOpt,
     SplitOpt,
-    StdOpt,
     check_num_images,
+    with_model_options,
 )
 from vitlens.device import resolve_batch_size
 from vitlens.errors import UsageError
@@ -71,19 +60,9 @@ RolloutImagesOpt = Annotated[
 ]
 
 
+@with_model_options
 def report(
-    model: ModelArg = None,
-    arch: ArchOpt = None,
-    num_heads: NumHeadsOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    img_size: ImgSizeOpt = None,
-    device: DeviceOpt = "auto",
-    pretrained: PretrainedOpt = True,
-    checkpoint_key: CheckpointKeyOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    crop_pct: CropPctOpt = None,
-    interpolation: InterpolationOpt = None,
+    vit_options: ModelOptions,
     data: DataOpt = "digits",
     images: ImagesOpt = None,
     split: SplitOpt = "test",
@@ -115,7 +94,7 @@ def report(
     if seeds < 1:
         raise UsageError(f"--seeds must be at least 1, not {seeds}")
     l2_value = parse_l2(l2)
-    vit = ModelOptions.of(locals()).load()
+    vit = vit_options.load()
     batch_size = resolve_batch_size(batch_size, vit.device)
 
     console = err_console()

@@ -12,30 +12,19 @@ from vitlens import defaults
 from vitlens.cli.console import err_console, out_console, print_json, progress_bar, run_metadata
 from vitlens.cli.options import (
     DATA_PANEL,
-    ArchOpt,
     BatchSizeOpt,
-    CheckpointKeyOpt,
-    CropPctOpt,
     DataRootOpt,
-    DeviceOpt,
     DownloadOpt,
     FormatOpt,
-    ImgSizeOpt,
-    InterpolationOpt,
     JsonOpt,
-    MeanOpt,
-    ModelArg,
-    ModelKwargsOpt,
     ModelOptions,
-    NumHeadsOpt,
     NumImagesOpt,
     OutOpt,
-    PretrainedOpt,
     QuietOpt,
     SplitOpt,
-    StdOpt,
     check_format,
     check_num_images,
+    with_model_options,
 )
 from vitlens.definitions.rollout import rollout_settings
 from vitlens.device import resolve_batch_size
@@ -117,20 +106,10 @@ ThresholdOpt = Annotated[
 ]
 
 
+@with_model_options
 def rollout(
-    model: ModelArg = None,
+    vit_options: ModelOptions,
     images: ImagesArg = None,
-    arch: ArchOpt = None,
-    num_heads: NumHeadsOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    img_size: ImgSizeOpt = None,
-    device: DeviceOpt = "auto",
-    pretrained: PretrainedOpt = True,
-    checkpoint_key: CheckpointKeyOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    crop_pct: CropPctOpt = None,
-    interpolation: InterpolationOpt = None,
     data: SourceDataOpt = None,
     split: SplitOpt = "test",
     num_images: NumImagesOpt = None,
@@ -155,7 +134,7 @@ def rollout(
     --per-head also rollout_heads_L<l>.png, and with --threshold rollout_heads_L<l>_masks.png).
     """
     from vitlens.attention import default_target
-    from vitlens.data import IMAGE_EXTENSIONS, open_dataset
+    from vitlens.data import open_dataset
     from vitlens.definitions.rollout import check_options, check_threshold
     from vitlens.definitions.rollout import rollout as compute
 
@@ -169,15 +148,13 @@ def rollout(
     check_threshold(threshold)
     check_num_images(num_images)
     fmt = check_format(fmt)
-    images = list(images or [])
-    if model is not None and (Path(model).suffix.lower() in IMAGE_EXTENSIONS or Path(model).expanduser().is_dir()):
-        images, model = [model, *images], None  # `vitlens rollout photo.jpg`: the default model on a photo
+    vit_options, images = vit_options.images_first(images)
     if images and data is not None:
         raise UsageError("give IMAGE files or --data, not both")
     if not images and data is None:
         raise UsageError("no images: pass IMAGE files (or a folder), or --data SPEC [--num-images N]")
 
-    vit = ModelOptions.of(locals()).load()
+    vit = vit_options.load()
     batch_size = resolve_batch_size(batch_size, vit.device)
     source: ImageDataset | list[str] = images
     if data is not None:

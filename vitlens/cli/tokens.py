@@ -11,30 +11,19 @@ import typer
 from vitlens import defaults
 from vitlens.cli.console import out_console, print_json, progress_bar, run_metadata
 from vitlens.cli.options import (
-    ArchOpt,
     BatchSizeOpt,
-    CheckpointKeyOpt,
-    CropPctOpt,
     DataOpt,
     DataRootOpt,
-    DeviceOpt,
     DownloadOpt,
     FormatOpt,
-    ImgSizeOpt,
-    InterpolationOpt,
     JsonOpt,
-    MeanOpt,
-    ModelArg,
-    ModelKwargsOpt,
     ModelOptions,
-    NumHeadsOpt,
     NumImagesOpt,
     OutOpt,
-    PretrainedOpt,
     QuietOpt,
     SplitOpt,
-    StdOpt,
     check_format,
+    with_model_options,
 )
 from vitlens.device import resolve_batch_size
 from vitlens.errors import ParameterError
@@ -89,19 +78,9 @@ def _parse_layers(text: str | None) -> list[int] | None:
         raise ParameterError("layers", f"layers must be comma-separated integers, not {text!r}") from None
 
 
+@with_model_options
 def tokens(
-    model: ModelArg = None,
-    arch: ArchOpt = None,
-    num_heads: NumHeadsOpt = None,
-    model_kwargs: ModelKwargsOpt = None,
-    img_size: ImgSizeOpt = None,
-    device: DeviceOpt = "auto",
-    pretrained: PretrainedOpt = True,
-    checkpoint_key: CheckpointKeyOpt = None,
-    mean: MeanOpt = None,
-    std: StdOpt = None,
-    crop_pct: CropPctOpt = None,
-    interpolation: InterpolationOpt = None,
+    vit_options: ModelOptions,
     data: DataOpt = "digits",
     split: SplitOpt = "test",
     num_images: NumImagesOpt = defaults.TOKENS_NUM_IMAGES,
@@ -127,7 +106,7 @@ def tokens(
     started = time.perf_counter()
     fmt = check_format(fmt)
     chosen = _parse_layers(layers)
-    vit = ModelOptions.of(locals()).load()
+    vit = vit_options.load()
     batch_size = resolve_batch_size(batch_size, vit.device)
     dataset = open_dataset(
         data, vit.preprocess, split=split, num_images=num_images, data_root=data_root, download=download
