@@ -202,3 +202,65 @@ def test_registered_and_run_by_the_report(demo, result):
     )
     run.open_images = MethodType(_Run.open_images, run)
     assert DEFINITION.section(run) == result
+
+
+# ---------------------------------------------------------------------------------------------- faithfulness
+@pytest.fixture(scope="module")
+def faith(demo, dataset):
+    from vitlens.definitions.explain import explain_faithfulness
+
+    return explain_faithfulness(demo, dataset, methods="attribution,rollout", steps=4)
+
+
+def test_faithfulness_is_the_batch_drivers_and_reads_back(demo, dataset, faith, tmp_path):
+    from vitlens.definitions.explain import FaithfulnessResult, faithfulness_batch
+
+    batch = next(iter(iterate_batches(dataset, batch_size=NUM_IMAGES)))
+    expected = faithfulness_batch(
+        demo,
+        batch.images,
+        batch.indices,
+        methods=("attribution", "rollout"),
+        target="cls",
+        labels=batch.labels,
+        steps=4,
+    )
+    f = faith.faithfulness
+    np.testing.assert_allclose(f.probabilities, expected.probabilities, atol=1e-6)
+    assert f.methods == ("attribution", "rollout", "random") and f.correct is not None
+    assert f.labels.tolist() == dataset.labels.tolist() and f.removal == "drop" and f.seed == 0
+    d = faith.to_dict()
+    assert d["run"] == "faithfulness" and d["curves"] == ["deletion", "negative", "insertion"]
+    area = d["areas"]["random"]["deletion"]["probability"]
+    x, y = np.asarray(d["fractions"]), np.asarray(d["probability"]["random"]["deletion"])
+    assert area == pytest.approx(sum((y[i] + y[i + 1]) / 2 * (x[i + 1] - x[i]) for i in range(4)))
+
+    files = faith.save(tmp_path, meta={"command": "test"})
+    names = sorted(p.name for p in files)
+    assert names == ["explain.json", "faithfulness.csv", "faithfulness.npz", "faithfulness.png"]
+    rows = (tmp_path / "faithfulness.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3 * 3 and rows[0].startswith("method,curve,probability_area,accuracy_area,p@0,")
+    back = load_result(tmp_path)
+    assert isinstance(back, FaithfulnessResult) and back == faith
+    assert "deletion area" in repr(faith) and faith.key_numbers()["removal"] == "drop"
+    assert len(faith.plot(curve="insertion").lines) == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param", "needle"),
+    [
+        ({"methods": "attribution,lrp"}, "methods", "methods must be among"),
+        ({"methods": []}, "methods", "methods must name at least one"),
+        ({"methods": "rollout,rollout"}, "methods", "names a method twice"),
+        ({"removal": "paint"}, "removal", "removal must be one of drop, mean, blur"),
+        ({"steps": 1}, "steps", "steps must be a whole number of at least 2"),
+        ({"seed": -1}, "seed", "seed must be a non-negative"),
+        ({"class_": 10}, "class_", "class_ 10 is out of range"),
+    ],
+)
+def test_faithfulness_bad_options_name_their_parameter(demo, dataset, kwargs, param, needle):
+    from vitlens.definitions.explain import explain_faithfulness
+
+    with pytest.raises(ParameterError, match=needle) as info:
+        explain_faithfulness(demo, dataset, **kwargs)
+    assert info.value.param == param

@@ -107,3 +107,54 @@ def test_one_line_errors(tmp_path, args, needle):
     code = 1 if "token" in needle else 2
     assert_one_line_error(cli, code, needle)
     assert not out.exists()
+
+
+def test_faithfulness_files_json_and_read_back(tmp_path):
+    ckpt, args = fixture_checkpoint(tmp_path, "distilled")
+    images = _photos(tmp_path / "photos")
+    out = tmp_path / "out"
+    flags = ["--faithfulness", "--methods", "last-layer,rollout", "--removal", "mean", "--steps", "4", "--seed", "3"]
+    cli = _run(ckpt, *images, *args, *flags, "--out", str(out), "--json")
+    assert cli.exit_code == 0, cli.output
+    data = json.loads(cli.stdout)
+    assert data["methods"] == ["last-layer", "rollout", "random"] and data["seed"] == 3 and data["removal"] == "mean"
+    assert len(data["fractions"]) == 5 and data["labels"] is None and data["accuracy"] is None
+    assert sorted(p.name for p in out.iterdir()) == [
+        "explain.json",
+        "faithfulness.csv",
+        "faithfulness.npz",
+        "faithfulness.png",
+    ]
+    back = load_result(out)
+    assert back.to_dict() == {k: v for k, v in data.items() if k not in ("files", "meta")}
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--methods", "lrp"], "--methods must be among rollout, grad-rollout, attribution, last-layer, not 'lrp'"),
+        (["--removal", "paint"], "--removal must be one of drop, mean, blur"),
+        (["--steps", "1"], "--steps must be a whole number of at least 2"),
+        (["--method", "rollout"], "with --faithfulness name the methods to judge with --methods"),
+        (["--score", "cosine:x.png"], "--faithfulness reads class probabilities"),
+    ],
+)
+def test_faithfulness_one_line_errors(tmp_path, extra, needle):
+    out = tmp_path / "out"
+    cli = _run("--data", "digits", "--num-images", "2", "--device", "cpu", "--faithfulness", *extra, "--out", str(out))
+    assert_one_line_error(cli, 2, needle)
+    assert not out.exists()
+
+
+def test_faithfulness_needs_a_head_and_drop_needs_a_prefix_token(tmp_path):
+    images = _photos(tmp_path / "photos")
+    ckpt, args = fixture_checkpoint(tmp_path, "gap")
+    cli = _run(ckpt, *images, *args, "--faithfulness", "--out", str(tmp_path / "out"))
+    assert_one_line_error(cli, 2, "--removal 'drop' removes every patch at 100 %")
+    model = make_vit("reg")
+    model.reset_classifier(0)
+    backbone = str(save_fixture(tmp_path, "backbone", model))
+    cli = _run(backbone, *images, "--num-heads", "3", "--device", "cpu", "--faithfulness", "--out", str(tmp_path / "o"))
+    assert_one_line_error(cli, 2, "--faithfulness needs class probabilities")
+    cli = _run("--data", "digits", "--methods", "rollout", "--out", str(tmp_path / "o"))
+    assert_one_line_error(cli, 2, "--methods applies to --faithfulness")

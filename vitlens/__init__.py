@@ -42,6 +42,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "RolloutResult": ("vitlens.definitions.rollout", "RolloutResult"),
     "fewshot": ("vitlens.definitions.fewshot", "fewshot"),
     "FewShotProbeResult": ("vitlens.definitions.fewshot", "FewShotProbeResult"),
+    "explain_faithfulness": ("vitlens.definitions.explain", "explain_faithfulness"),
+    "FaithfulnessResult": ("vitlens.definitions.explain", "FaithfulnessResult"),
     # results, registry, errors
     "Result": ("vitlens.result", "Result"),
     "load_result": ("vitlens.result", "load_result"),

@@ -75,3 +75,12 @@ FEWSHOT_KNN_TEMPERATURE = 0.07
 # compare: attention distance and CKA of every checkpoint read the paper's 128 images (App. D.7); CKA then uses one
 # minibatch of them (CKA_MINIBATCH_SIZE caps it), the full-data unbiased estimate.
 COMPARE_NUM_IMAGES = ATTENTION_DISTANCE_NUM_IMAGES
+
+# explain --faithfulness: Chefer, Gur & Wolf 2021 (CVPR) perturb in steps of 10 % of the patches; removing tokens
+# from the sequence (drop) paints nothing out of distribution into the image. The random-order baseline's seed is
+# recorded with the result. 32 images keep the sweep to seconds on the demo model; the papers use thousands.
+FAITHFULNESS_METHODS: tuple[str, ...] = ("attribution", "grad-rollout", "last-layer", "rollout")
+FAITHFULNESS_REMOVAL = "drop"
+FAITHFULNESS_STEPS = 10
+FAITHFULNESS_SEED = 0
+FAITHFULNESS_NUM_IMAGES = 32

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from vitlens import __version__
+from vitlens.cli import compare as compare_cmd
 from vitlens.cli import config as config_cmd
 from vitlens.cli import info as info_cmd
 from vitlens.cli import report as report_cmd
@@ -55,6 +56,7 @@ for _definition in definitions():  # one command per registered analysis, in rep
     app.command(_definition.name)(handle_errors(getattr(importlib.import_module(_module), _function)))
 app.command("train")(handle_errors(train_cmd.train))
 app.command("report")(handle_errors(report_cmd.report))
+app.command("compare")(handle_errors(compare_cmd.compare))
 app.command("config")(handle_errors(config_cmd.config))
 
 

@@ -92,6 +92,7 @@ PARAMETER_FLAGS = {
     "per_head_layer": "--layer",
     "spec": "--data",  # open_dataset's spec: --data, and --test-data / the images of rollout, which pass it on
     "class_": "--class",  # explain: `class` is a Python keyword
+    "checkpoints": "CHECKPOINTS",  # compare: the positional argument
 }
 
 

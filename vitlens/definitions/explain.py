@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from vitlens.analysis.explain import ExplainMethod, Explanation
+    from vitlens.analysis.faithfulness import Faithfulness
     from vitlens.data import ImageDataset
     from vitlens.models.vit import ViT
 
@@ -415,8 +416,11 @@ class ExplainResult(Result):
         return files
 
     @classmethod
-    def _read(cls, folder: Path, payload: dict[str, Any]) -> ExplainResult:
+    def _read(cls, folder: Path, payload: dict[str, Any]) -> ExplainResult | FaithfulnessResult:  # type: ignore[override]
         import numpy as np
+
+        if payload.get("run") == FAITHFULNESS_RUN:  # a faithfulness run shares explain.json (see FaithfulnessResult)
+            return FaithfulnessResult._read(folder, payload)
 
         from vitlens.analysis.explain import Explanation
 
@@ -550,6 +554,412 @@ def explain(
         int_pair(vit.layout.patch_size),
         tuple(vit.layout.prefix_kinds),
         photos,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- faithfulness
+FAITHFULNESS_RUN = "faithfulness"  # explain.json's "run" for a faithfulness run
+
+
+def check_methods(methods: Any) -> tuple[str, ...]:
+    """The relevance methods of a faithfulness run, as a tuple: a sequence or ``"a,b,c"``, known, none twice.
+
+    Raises:
+        ParameterError: empty, an unknown method, or one given twice.
+    """
+    from vitlens.analysis.explain import METHODS
+
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    if not isinstance(methods, list | tuple) or not methods:
+        raise ParameterError("methods", f"methods must name at least one of {', '.join(METHODS)}, not {methods!r}")
+    for m in methods:
+        if m not in METHODS:
+            raise ParameterError("methods", f"methods must be among {', '.join(METHODS)}, not {m!r}")
+    if len(set(methods)) != len(methods):
+        raise ParameterError("methods", f"methods names a method twice: {','.join(methods)}")
+    return tuple(methods)
+
+
+def check_faithfulness_options(methods: Any, removal: Any, steps: Any, seed: Any, class_: Any) -> tuple[str, ...]:
+    """Check what needs no model (the CLI calls this before loading one); return the methods as a tuple.
+
+    Raises:
+        ParameterError: bad methods, removal, step count, seed or class.
+    """
+    from vitlens.analysis.faithfulness import check_removal, check_steps
+
+    check_removal(removal)
+    check_steps(steps)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ParameterError("seed", f"seed must be a non-negative whole number, not {seed!r}")
+    check_options("attribution", 0.0, class_, "logit")
+    return check_methods(methods)
+
+
+def _check_faithfulness_model(vit: ViT, removal: str) -> None:
+    """Probabilities need a head; dropping every patch needs a prefix token that the head reads."""
+    if vit.num_classes == 0:
+        raise ParameterError(
+            "faithfulness",
+            "faithfulness needs class probabilities and this model has no classifier head (num_classes 0); "
+            "a cosine score has no probability to perturb",
+        )
+    if removal == "drop" and (vit.layout.num_prefix_tokens == 0 or vit.global_pool != "token"):
+        raise ParameterError(
+            "removal",
+            f"removal 'drop' removes every patch at 100 % and this model pools patch tokens (global_pool "
+            f"{vit.global_pool!r}), so it would have nothing to read: use removal mean or blur",
+        )
+
+
+def faithfulness_batch(
+    vit: ViT,
+    images: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    methods: Sequence[str],
+    target: str,
+    labels: torch.Tensor | None = None,
+    class_: int | str | None = None,
+    removal: str = defaults.FAITHFULNESS_REMOVAL,
+    steps: int = defaults.FAITHFULNESS_STEPS,
+    seed: int = defaults.FAITHFULNESS_SEED,
+    chunk_size: int = 64,
+) -> Any:
+    """One batch's perturbation curves (:func:`~vitlens.analysis.faithfulness.perturbation_curves`) for every
+    method's map and a random order drawn from ``(seed, indices[b])`` (the images' positions in their dataset).
+
+    The explained class is fixed per image: the prediction on the full image (``class_`` None or ``"pred"``) or the
+    class asked for; each method's map (:func:`explain_batch`) explains that class, and the curves read its softmax
+    probability. Perturbed images go through the model under ``no_grad``, ``chunk_size`` at a time.
+    """
+    import torch
+
+    from vitlens.analysis.faithfulness import RANDOM, perturbation_curves, random_order, relevance_order
+
+    with torch.no_grad():
+        classes = class_indices(vit.model(images), class_, vit.class_names)  # [B]
+    orders = {}
+    for method in methods:
+        maps, got, _ = explain_batch(vit, images, method=method, target=target, class_=class_)  # type: ignore[arg-type]
+        if not torch.equal(got.cpu(), classes.cpu()):  # the same forward twice: only nondeterminism could differ
+            raise VitlensError(f"{method} explained other classes than the full image's: nondeterministic model?")
+        orders[method] = relevance_order(torch.as_tensor(maps))  # [B, HW]
+    orders[RANDOM] = random_order(indices.cpu().numpy(), vit.layout.num_patches, seed)
+
+    def forward(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        with torch.no_grad():
+            return vit.model(x) if keep is None else vit.forward_kept(x, keep)
+
+    return perturbation_curves(
+        forward,
+        images,
+        {m: o.to(images.device) for m, o in orders.items()},
+        classes,
+        vit.layout,
+        labels=labels,
+        removal=removal,  # type: ignore[arg-type]
+        steps=steps,
+        chunk_size=chunk_size,
+        seed=seed,
+        target=target,
+    )
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class FaithfulnessResult(Result):
+    """How faithful each relevance method is on a set of images: perturbation curves and their areas.
+
+    A second result type of ``explain`` rather than a field of :class:`ExplainResult`: a faithfulness run has
+    several methods and no single map, reads a dataset rather than a few photos, and writes other files (a table, a
+    figure of curves), so an optional field would make every ``ExplainResult`` method branch on it. It shares
+    ``explain.json`` (with ``"run": "faithfulness"``), which is how :func:`vitlens.load_result` finds it: the
+    registry knows one result type per analysis, and :meth:`ExplainResult._read` hands this one over.
+
+    Attributes:
+        faithfulness: the curves per image (:class:`~vitlens.analysis.faithfulness.Faithfulness`).
+        images: each image's name, in the order of the curves.
+        class_requested: ``"pred"``, or the index or name asked for (as text).
+        source: the model it came from.
+        data: the data spec of the images.
+        patch_size: ``(ph, pw)`` in pixels.
+    """
+
+    faithfulness: Faithfulness
+    images: tuple[str, ...]
+    class_requested: str
+    source: str
+    data: str
+    patch_size: tuple[int, int]
+
+    analysis = "explain"
+    stem = "explain"
+
+    # ---------------------------------------------------------------------------------------------- numbers
+    def _by_method(self, values: np.ndarray | None) -> dict[str, Any] | None:
+        """``[M, 3, ...]`` -> {method: {curve: value or list}}."""
+        from vitlens.analysis.faithfulness import CURVES
+
+        if values is None:
+            return None
+        return {
+            m: {c: values[i, j].tolist() for j, c in enumerate(CURVES)} for i, m in enumerate(self.faithfulness.methods)
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        from vitlens.analysis.faithfulness import CURVES
+
+        f = self.faithfulness
+        prob_areas, acc_areas = f.probability_areas(), f.accuracy_areas()
+        areas = {
+            m: {
+                c: {
+                    "probability": float(prob_areas[i, j]),
+                    "accuracy": None if acc_areas is None else float(acc_areas[i, j]),
+                }
+                for j, c in enumerate(CURVES)
+            }
+            for i, m in enumerate(f.methods)
+        }
+        return {
+            "run": FAITHFULNESS_RUN,
+            "images": list(self.images),
+            "methods": list(f.methods),
+            "curves": list(CURVES),
+            "removal": f.removal,
+            "blur_sigma": None if f.blur_sigma is None else list(f.blur_sigma),
+            "steps": f.steps,
+            "seed": f.seed,
+            "target": f.target,
+            "class_requested": self.class_requested,
+            "fractions": f.fractions.tolist(),
+            "areas": areas,
+            "probability": self._by_method(f.mean_probabilities()),
+            "accuracy": self._by_method(f.accuracies()),
+            "classes": f.classes.tolist(),
+            "labels": None if f.labels is None else f.labels.tolist(),
+            "source": self.source,
+            "data": self.data,
+            "patch_size": list(self.patch_size),
+        }
+
+    def best_method(self) -> str:
+        """The method whose deletion curve falls fastest (smallest probability area); the random baseline too."""
+        areas = self.faithfulness.probability_areas()[:, 0]
+        return self.faithfulness.methods[int(areas.argmin())]
+
+    def summary(self) -> str:
+        f = self.faithfulness
+        areas = f.probability_areas()[:, 0]
+        each = ", ".join(f"{m} {a:.3f}" for m, a in zip(f.methods, areas, strict=True))
+        return f"{len(self.images)} images, {f.removal} removal, deletion area (lower is faithful): {each}"
+
+    def key_numbers(self) -> dict[str, Any]:
+        f = self.faithfulness
+        areas = f.probability_areas()
+        return {
+            "num_images": len(self.images),
+            "removal": f.removal,
+            "best_method": self.best_method(),
+            **{f"deletion_area_{m}": float(areas[i, 0]) for i, m in enumerate(f.methods)},
+            **{f"insertion_area_{m}": float(areas[i, 2]) for i, m in enumerate(f.methods)},
+        }
+
+    def table(self) -> list[str]:
+        """``faithfulness.csv``: one row per method and curve: the areas, then the mean probability at each step."""
+        from vitlens.analysis.faithfulness import CURVES
+
+        f = self.faithfulness
+        prob = f.mean_probabilities()
+        prob_areas, acc_areas = f.probability_areas(), f.accuracy_areas()
+        head = ["method", "curve", "probability_area", "accuracy_area", *(f"p@{x:.4g}" for x in f.fractions)]
+        rows = [",".join(head)]
+        for i, m in enumerate(f.methods):
+            for j, c in enumerate(CURVES):
+                acc_area = "" if acc_areas is None else f"{acc_areas[i, j]:.6g}"
+                values = ",".join(f"{v:.6g}" for v in prob[i, j])
+                rows.append(f"{m},{c},{prob_areas[i, j]:.6g},{acc_area},{values}")
+        return rows
+
+    # ---------------------------------------------------------------------------------------------- drawing
+    def plot(self, ax: Axes | None = None, curve: str = "deletion") -> Axes:
+        """Draw one curve kind (``deletion``, ``negative`` or ``insertion``) for every method and the random order.
+
+        Raises:
+            ParameterError: an unknown curve.
+        """
+        from vitlens.analysis.faithfulness import CURVES
+        from vitlens.plotting.explain import plot_faithfulness
+
+        if curve not in CURVES:
+            raise ParameterError("curve", f"curve must be one of {', '.join(CURVES)}, not {curve!r}")
+        return plot_faithfulness(self.faithfulness, curve, ax=ax)
+
+    def figure(self) -> Figure:
+        """The three curve kinds side by side (``faithfulness.<fmt>``)."""
+        from vitlens.plotting.explain import faithfulness_figure
+
+        return faithfulness_figure(self.faithfulness, title=f"{len(self.images)} images, {self.source}")
+
+    # ---------------------------------------------------------------------------------------------- files
+    def _write(self, out: Path, fmt: str, payload: dict[str, Any]) -> list[Path]:
+        """faithfulness.<fmt>, faithfulness.csv, faithfulness.npz (the per-image curves) and explain.json."""
+        import numpy as np
+
+        from vitlens.io import ensure_out_dir, write_json, write_npz, write_text
+        from vitlens.plotting.style import save_figure
+
+        f = self.faithfulness
+        fig = self.figure()  # built first: a plotting error leaves no files
+        out = ensure_out_dir(out)
+        arrays: dict[str, Any] = {
+            "probabilities": f.probabilities,  # [M, 3, B, S + 1]
+            "fractions": f.fractions,  # [S + 1]
+            "classes": f.classes,  # [B]
+            "images": np.asarray(list(self.images), dtype=str),
+        }
+        if f.correct is not None:
+            arrays["correct"] = f.correct  # [M, 3, B, S + 1]
+        if f.labels is not None:
+            arrays["labels"] = f.labels  # [B]
+        return [
+            save_figure(fig, out / f"faithfulness.{fmt}", fmt=fmt),  # type: ignore[arg-type]
+            write_text(out / "faithfulness.csv", "\n".join(self.table()) + "\n"),
+            write_npz(out / "faithfulness.npz", **arrays),
+            write_json(out / "explain.json", payload),
+        ]
+
+    @classmethod
+    def _read(cls, folder: Path, payload: dict[str, Any]) -> FaithfulnessResult:
+        import numpy as np
+
+        from vitlens.analysis.faithfulness import Faithfulness
+
+        with np.load(folder / "faithfulness.npz", allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        sigma = payload.get("blur_sigma")
+        faithfulness = Faithfulness(
+            methods=tuple(payload["methods"]),
+            fractions=arrays["fractions"],
+            probabilities=arrays["probabilities"],
+            correct=arrays.get("correct"),
+            classes=arrays["classes"],
+            labels=arrays.get("labels"),
+            removal=payload["removal"],
+            blur_sigma=None if sigma is None else (float(sigma[0]), float(sigma[1])),
+            seed=int(payload["seed"]),
+            target=payload["target"],
+        )
+        return cls(
+            faithfulness,
+            tuple(str(name) for name in arrays["images"]),
+            str(payload["class_requested"]),
+            payload["source"],
+            payload["data"],
+            int_pair(payload["patch_size"]),
+        )
+
+
+def explain_faithfulness(
+    vit: ViT,
+    images: ImageDataset | str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    methods: Sequence[str] | str = defaults.FAITHFULNESS_METHODS,
+    removal: str = defaults.FAITHFULNESS_REMOVAL,
+    steps: int = defaults.FAITHFULNESS_STEPS,
+    class_: int | str | None = defaults.EXPLAIN_CLASS,
+    target: str | None = None,
+    seed: int = defaults.FAITHFULNESS_SEED,
+    split: str = "test",
+    num_images: int | None = None,
+    batch_size: int | None = None,
+    progress: Progress | None = None,
+) -> FaithfulnessResult:
+    """Which relevance map to trust: remove patches in each method's order and watch the class probability.
+
+    The perturbation tests of Chefer, Gur & Wolf 2021 (CVPR, Sec. 4): *positive* perturbation (``deletion``, most
+    relevant first: a faithful map drops the probability fast, low area), *negative* perturbation (least relevant
+    first: high area), and the insertion test of Petsiuk et al. 2018 (RISE; most relevant first into an empty
+    image: high area); each at ``steps + 1`` points from 0 to 100 % of the patches, for every method and a random
+    order (drawn from ``seed`` and each image's position in the data). The probability is the softmax of the
+    explained class, fixed per image (the full image's prediction, or ``class_``); top-1 accuracy needs labels.
+
+    Args:
+        vit: a model with a classifier head.
+        images: a dataset, image files, a folder, or a data spec (as for :func:`explain`).
+        methods: the methods to judge (any of :data:`~vitlens.analysis.explain.METHODS`), or ``"a,b,c"``.
+        removal: ``drop`` (the patch tokens leave the sequence, :meth:`~vitlens.models.vit.ViT.forward_kept`;
+            needs a prefix token that the head reads), ``mean`` (pixels set to 0 after normalisation: the
+            preprocessing's mean colour) or ``blur`` (pixels of a Gaussian-blurred copy, sigma one patch).
+        steps: points per curve minus one (10: steps of 10 %).
+        class_: ``"pred"``, an index or a class name.
+        target: the token row the maps are read from (as for :func:`explain`).
+        seed: the random baseline's seed (recorded).
+        split, num_images: with a data spec; ``num_images`` defaults to ``FAITHFULNESS_NUM_IMAGES``.
+        batch_size: images per batch (the maps' backward pass); perturbed copies run this many at a time.
+        progress: called as ``progress(done, total)`` after every batch.
+
+    Raises:
+        ParameterError: a bad option, a model without a head, or ``drop`` on a model that pools patch tokens.
+    """
+    from vitlens.analysis.faithfulness import concat
+    from vitlens.analysis.rollout import resolve_target
+    from vitlens.attention import _require_all, capped_batch_size, default_attention_budget, default_target
+    from vitlens.data import ImageDataset, iterate_batches
+    from vitlens.device import resolve_batch_size
+
+    methods = check_faithfulness_options(methods, removal, steps, seed, class_)
+    _check_count("num_images", num_images, "be a positive number")
+    _check_count("batch_size", batch_size, "be at least 1")
+    if num_images is not None and isinstance(images, ImageDataset):
+        raise ParameterError(
+            "num_images", "num_images applies to a data spec; a dataset is used whole (open it with num_images=)"
+        )
+    _check_faithfulness_model(vit, removal)
+    target = default_target(vit.layout) if target is None else target
+    if not isinstance(target, str):
+        raise ParameterError("target", f"target must be cls, dist, reg:N or mean-patch, not {target!r}")
+    resolve_target(target, vit.layout)
+    if not isinstance(images, ImageDataset):
+        count = defaults.FAITHFULNESS_NUM_IMAGES if num_images is None else num_images
+        images = open_images(vit, images, split=split, num_images=count)
+    dataset = images
+    dtype = next(vit.model.parameters()).dtype
+    chunk = resolve_batch_size(batch_size, vit.device)
+    budget = max(1, default_attention_budget(vit.device) // vit.depth)  # the maps keep every layer for backward
+    size = capped_batch_size(vit, chunk, dtype=dtype, budget_bytes=budget)
+    parts, seen, total = [], 0, len(dataset)
+    if progress is not None:
+        progress(0, total)
+    for batch in iterate_batches(dataset, batch_size=size, device=vit.device):
+        labels = None if dataset.labels is None else batch.labels
+        parts.append(
+            faithfulness_batch(
+                vit,
+                batch.images.to(dtype),
+                batch.indices,
+                methods=methods,
+                target=target,
+                labels=labels,
+                class_=class_,
+                removal=removal,
+                steps=steps,
+                seed=seed,
+                chunk_size=chunk,
+            )
+        )
+        seen += batch.images.shape[0]
+        if progress is not None:
+            progress(int(batch.indices[-1]) + 1, total)
+    _require_all(seen, dataset)
+    return FaithfulnessResult(
+        concat(parts),
+        tuple(dataset.names),
+        "pred" if class_ is None else str(class_),
+        vit.source,
+        dataset.spec,
+        int_pair(vit.layout.patch_size),
     )
 
 

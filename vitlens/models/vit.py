@@ -264,11 +264,44 @@ class ViT:
         """What the classifier head sees ``[B, embed_dim]``: the pooled (class token or mean) representation."""
         return self.model.forward_head(tokens, pre_logits=True)
 
+    def forward_kept(self, images: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, num_classes]`` of the model shown only the patch tokens ``keep`` ``[B, K]`` (grid indices,
+        row-major, any ``0 <= K <= H*W``); the prefix tokens always stay.
+
+        timm's ``forward`` step by step, as ``PatchDropout`` does it in training: the patches are embedded and given
+        their position embedding by timm's own ``_pos_embed`` (class / register / distillation tokens,
+        ``no_embed_class``, a dynamic image size), and only then are the kept patch tokens gathered, so each keeps its
+        own position; ``norm_pre``, the blocks, the final norm and ``forward_head`` (pool, ``fc_norm``, head) follow.
+        ``pos_drop`` and ``patch_drop`` are the identity in eval mode. With every patch kept in grid order this is
+        ``model(images)``. Pooling over patch tokens (``avg``) averages the kept ones; with ``K = 0`` it has nothing
+        to average and gives NaN.
+
+        Raises:
+            VitlensError: ``keep`` is not ``[B, K]`` or holds an index outside the grid.
+        """
+        import torch
+
+        m, layout = self.model, self.layout
+        if keep.ndim != 2 or keep.shape[0] != images.shape[0]:
+            raise VitlensError(
+                f"keep must be [B, K] patch indices for {images.shape[0]} images, not {list(keep.shape)}"
+            )
+        if keep.numel() and (int(keep.min()) < 0 or int(keep.max()) >= layout.num_patches):
+            raise VitlensError(f"keep holds patch indices outside 0..{layout.num_patches - 1}")
+        tokens = m._pos_embed(m.patch_embed(images))  # [B, P + H*W, D], position embedded
+        prefix = tokens[:, : layout.num_prefix_tokens]  # [B, P, D]
+        patches = tokens[:, layout.patch_slice]  # [B, H*W, D]
+        index = keep.to(device=tokens.device, dtype=torch.int64)[..., None].expand(-1, -1, tokens.shape[-1])
+        x = torch.cat([prefix, patches.gather(1, index)], dim=1)  # [B, P + K, D]
+        x = m.norm(m.blocks(m.norm_pre(x)))
+        return m.forward_head(x)
+
     def blocks(self) -> list[nn.Module]:
         return list(self.model.blocks)
 
     def describe(self) -> dict[str, Any]:
         """The facts `vitlens info` prints, JSON-ready."""
+
         layout = self.layout
         pos_kind = "none"
         if layout.has_pos_embed:
