@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import torch
 
+from vitlens import distributed
 from vitlens.analysis.attention_distance import AttentionDistance, AttentionDistanceAccumulator
 from vitlens.analysis.rollout import (
     HeadFusion,
@@ -170,13 +171,17 @@ def mean_attention_distance_for(
     """Mean attention distance of every layer and head of ``vit``, averaged over ``dataset`` (ViT paper App. D.7).
 
     The state is ``O(depth * heads)`` (see :class:`~vitlens.analysis.AttentionDistanceAccumulator`, which also
-    explains ``renormalize``); the result does not depend on ``batch_size``.
+    explains ``renormalize``); the result does not depend on ``batch_size``. Under torchrun each rank streams its
+    shard of ``dataset`` and the sums are all-reduced, so every rank returns the single process's result.
 
     Raises:
         VitlensError: no image could be read.
     """
     acc = AttentionDistanceAccumulator(vit.layout, depth=vit.depth, num_heads=vit.num_heads, renormalize=renormalize)
-    stream_attention(vit, dataset, acc, batch_size=batch_size, progress=progress, num_workers=num_workers)
+    local = distributed.shard(dataset)  # the whole dataset in a single process
+    progress = distributed.global_progress(progress, len(dataset))
+    stream_attention(vit, local, acc, batch_size=batch_size, progress=progress, num_workers=num_workers)
+    acc.all_reduce()  # under torchrun: every rank now holds the sums over all images
     return acc.result()
 
 
@@ -238,20 +243,21 @@ def rollout_for(
         patch_mass.append(part.patch_mass)
         acc.reset()
 
+    local = distributed.shard(dataset)  # the whole dataset in a single process
     seen = stream_attention(
         vit,
-        dataset,
+        local,
         acc,
         batch_size=batch_size,
         layers=range(start_layer, vit.depth),
         on_batch=read_and_reset,
-        progress=progress,
+        progress=distributed.global_progress(progress, len(dataset)),
         num_workers=num_workers,
     )
-    _require_all(seen, dataset)
+    _require_all(seen, local)
     return Rollout(
-        maps=np.concatenate(maps),  # [B, H, W]
-        patch_mass=np.concatenate(patch_mass),  # [B]
+        maps=_in_dataset_order(maps, dataset),  # [B, H, W]
+        patch_mass=_in_dataset_order(patch_mass, dataset),  # [B]
         head_fusion=head_fusion,
         discard_ratio=float(discard_ratio),
         start_layer=start_layer,
@@ -302,8 +308,18 @@ def head_attention_for(
     (index,) = resolve_layers([layer], vit.depth)
     resolve_target(target, vit.layout)
     acc = _HeadMaps(vit.layout, index, target)
+    local = distributed.shard(dataset)  # the whole dataset in a single process
+    progress = distributed.global_progress(progress, len(dataset))
     seen = stream_attention(
-        vit, dataset, acc, batch_size=batch_size, layers=[index], progress=progress, num_workers=num_workers
+        vit, local, acc, batch_size=batch_size, layers=[index], progress=progress, num_workers=num_workers
     )
-    _require_all(seen, dataset)
-    return np.concatenate(acc.parts)  # [B, heads, H, W]
+    _require_all(seen, local)
+    return _in_dataset_order(acc.parts, dataset)  # [B, heads, H, W]
+
+
+def _in_dataset_order(parts: list[np.ndarray], dataset: ImageDataset) -> np.ndarray:
+    """This rank's per-batch rows, concatenated; under torchrun every rank's rows, gathered in dataset order."""
+    if not distributed.is_distributed():
+        return np.concatenate(parts)
+    local = np.concatenate(parts) if parts else np.zeros(0)  # a rank may own no image
+    return distributed.gather_in_order(local, distributed.shard_indices(len(dataset)))

@@ -29,6 +29,9 @@ def resolve_device(spec: str = "auto") -> torch.device:
     spec = (spec or "auto").strip().lower()
     if not _DEVICE_RE.match(spec):
         raise UsageError(f"unknown device '{spec}': use auto, cpu, cuda, cuda:N or mps")
+    if spec in ("auto", "cuda") and torch.cuda.is_available() and _torchrun_local_rank() is not None:
+        # torchrun: each rank on its node's GPU LOCAL_RANK (wrapping round when there are more ranks than GPUs)
+        return torch.device("cuda", _torchrun_local_rank() % torch.cuda.device_count())
     if spec == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -44,6 +47,18 @@ def resolve_device(spec: str = "auto") -> torch.device:
     if spec == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
         raise VitlensError("device 'mps' was requested but MPS is not available on this machine")
     return torch.device(spec)
+
+
+def _torchrun_local_rank() -> int | None:
+    """``LOCAL_RANK`` when torchrun started more than one process, else None (one process keeps plain ``cuda``)."""
+    import os
+
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "0", "1"):
+        return None
+    try:
+        return int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        return None
 
 
 CPU_BATCH_SIZE = 8

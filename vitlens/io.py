@@ -13,9 +13,20 @@ from typing import Any
 from vitlens.errors import VitlensError
 
 
+def writes_files() -> bool:
+    """Whether this process writes output: always in a single process; under torch.distributed only rank 0, so
+    that N ranks holding the same result leave one set of files (the others go through the motions and discard)."""
+    from vitlens.distributed import is_main
+
+    return is_main()
+
+
 def ensure_out_dir(out: str | os.PathLike) -> Path:
-    """Create the output directory (and parents), with one-line errors for the usual ways this fails."""
+    """Create the output directory (and parents), with one-line errors for the usual ways this fails (on ranks
+    other than 0 of a distributed job: only the path, nothing is created)."""
     out = Path(out).expanduser()
+    if not writes_files():
+        return out
     if out.exists() and not out.is_dir():
         raise VitlensError(f"--out {out} is an existing file, not a directory")
     try:
@@ -35,6 +46,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     temporary file is removed (a hard kill may leave a ``.tmp`` file, never a truncated ``path``).
     """
     path = Path(path)
+    if not writes_files():  # ranks other than 0: the writer writes into a scratch file that is then dropped
+        with tempfile.TemporaryDirectory(prefix="vitlens-rank-") as scratch:
+            yield Path(scratch) / path.name
+        return
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as e:

@@ -216,6 +216,21 @@ class AttentionDistanceAccumulator:
         """The accumulator's whole state (empty before the first update); its size never depends on the images seen."""
         return {} if self._state is None else dict(self._state)
 
+    def all_reduce(self) -> None:
+        """Add up the state of every rank of a torch.distributed job, so that each holds the sums of all images.
+
+        Every entry of the state is a sum or a count, so the sums of the per-rank sums are the single process's
+        (to float64 rounding); the moments, not the means, cross the network: ``3 * depth * heads`` floats and
+        ``depth`` counts. A no-op in a single process; a rank that saw no image contributes zeros.
+        """
+        from vitlens.distributed import all_reduce_sum, is_distributed
+
+        if not is_distributed():
+            return
+        if self._state is None:
+            self._state = self._init_state(torch.device("cpu"))
+        self._state = {name: all_reduce_sum(value) for name, value in self._state.items()}
+
     def result(self) -> AttentionDistance:
         """Averages over the images seen so far.
 

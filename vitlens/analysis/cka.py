@@ -295,6 +295,25 @@ class CKAAccumulator:
         self.last_size = self._images
         self._reset()
 
+    def all_reduce(self) -> None:
+        """Combine the minibatch sums of every rank of a torch.distributed job, in place.
+
+        Each rank must have been fed whole minibatches of the global sequence (shard the data in blocks of
+        ``minibatch_size`` images: :func:`vitlens.distributed.shard`), so that its minibatches are the single
+        process's; the HSIC sums are then added (float64) and the estimate is the same. Images still pending belong
+        to the global last, incomplete minibatch: they are dropped here, as :meth:`result` drops them (the
+        sharding gives a rank an incomplete minibatch only when complete ones exist). A no-op in a single process.
+        """
+        from vitlens.distributed import all_reduce_max, all_reduce_sum, is_distributed
+
+        if not is_distributed():
+            return
+        self.dropped += self._images
+        self._reset()
+        for name in ("sum_ab", "sum_aa", "sum_bb", "num_minibatches", "dropped"):
+            setattr(self, name, all_reduce_sum(getattr(self, name)))
+        self.last_size = all_reduce_max(self.last_size)
+
     def result(self, layers_a: Sequence[int], layers_b: Sequence[int], tokens: str) -> CKA:
         """The CKA matrix of the complete minibatches (see the class docstring for the last, incomplete one)."""
         if self._images:

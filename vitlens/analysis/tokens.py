@@ -271,6 +271,41 @@ class TokenNormAccumulator:
                 self.cls_prefix[r] += cls_row[:, prefix].sum(dim=0).cpu().numpy()
                 self.cls_outliers[r] += float((cls_row[:, patches] * mask).sum())
 
+    # Which attributes are sums (and counts) and which are maxima: all of the state, so that after all_reduce
+    # every rank holds what one process that saw all images would hold.
+    _SUMS = (
+        "hist",
+        "norm_sum",
+        "count",
+        "outliers",
+        "images_with",
+        "position",
+        "cls_prefix",
+        "cls_outliers",
+        "patch_prefix",
+        "patch_outliers",
+        "similarity_sum",
+        "similarity_count",
+        "num_images",
+    )
+    _MAXIMA = ("norm_max", "_attn_seen")
+
+    def all_reduce(self) -> None:
+        """Combine the state of every rank of a torch.distributed job (sums added, maxima taken), in place.
+
+        Histograms and counts travel as int64 (exact), the sums as float64; the quantiles are read from the summed
+        histograms afterwards, never averaged. A no-op in a single process; call it after the local pass, before
+        :meth:`result`.
+        """
+        from vitlens.distributed import all_reduce_max, all_reduce_sum, is_distributed
+
+        if not is_distributed():
+            return
+        for name in self._SUMS:
+            setattr(self, name, all_reduce_sum(getattr(self, name)))
+        for name in self._MAXIMA:
+            setattr(self, name, all_reduce_max(getattr(self, name)))
+
     def result(self) -> TokenNorms:
         """The statistics so far.
 

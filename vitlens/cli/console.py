@@ -121,19 +121,62 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         if kwargs.get("quiet"):  # --quiet: errors only, warnings included
             logger.setLevel(logging.ERROR)
         try:
-            return func(*args, **kwargs)
+            with torchrun_job():
+                return func(*args, **kwargs)
         except VitlensError as e:
             if debug_enabled():
                 raise
-            raise fail(cli_message(e), e.exit_code) from None
+            raise fail(_on_rank(cli_message(e)), e.exit_code) from None
         except KeyboardInterrupt:
             if debug_enabled():
                 raise
-            raise fail("interrupted", Interrupted.exit_code) from None
+            raise fail(_on_rank("interrupted"), Interrupted.exit_code) from None
+        except Exception as e:
+            if _torchrun_rank() is None or debug_enabled():  # a single process: a bug keeps its traceback
+                raise
+            # under torchrun N interleaved tracebacks hide which rank failed: one line each (--debug keeps them)
+            raise fail(_on_rank(f"{type(e).__name__}: {e}"), 1) from None
         finally:
             logger.setLevel(level)
 
     return wrapper
+
+
+def _torchrun_rank() -> int | None:
+    """This process's rank when launched by torchrun with more than one process, else None (env only, no torch)."""
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "0", "1"):
+        return None
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return None
+
+
+def _on_rank(message: str) -> str:
+    """``message`` prefixed with ``rank R:`` under torchrun (once), so each rank's error line says whose it is."""
+    rank = _torchrun_rank()
+    return message if rank is None or message.startswith("rank ") else f"rank {rank}: {message}"
+
+
+@contextmanager
+def torchrun_job() -> Iterator[None]:
+    """Under torchrun: join the process group for the command (:func:`vitlens.distributed.distributed_context`),
+    and keep ranks other than 0 silent (no stdout, errors only) unless ``--debug``. Nothing at all otherwise."""
+    if _torchrun_rank() is None:
+        yield
+        return
+    import contextlib
+
+    from vitlens.distributed import distributed_context
+
+    with distributed_context() as env, contextlib.ExitStack() as stack:
+        if env is not None and env.rank != 0 and not debug_enabled():
+            level = logger.level
+            logger.setLevel(logging.ERROR)
+            stack.callback(logger.setLevel, level)
+            devnull = stack.enter_context(open(os.devnull, "w"))
+            stack.enter_context(contextlib.redirect_stdout(devnull))
+        yield
 
 
 def run_metadata(started: float, **extra: Any) -> dict[str, Any]:
@@ -169,7 +212,7 @@ def progress_bar(description: str, *, enabled: bool) -> Iterator[Callable[[int, 
     captured stderr, not before an error line.
     """
     console = err_console()
-    if not enabled or not console.is_terminal:
+    if not enabled or not console.is_terminal or (_torchrun_rank() or 0) != 0:  # torchrun: rank 0 draws
         yield None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

@@ -204,11 +204,16 @@ def cka_for(
     space: str = "auto",
 ) -> CKA:
     """One pass over the images: ``vit`` (and ``vit_b``, in lockstep on ``dataset_b``, the same images by index)
-    hooked at the chosen blocks, their rows streamed into a :class:`~vitlens.analysis.cka.CKAAccumulator`."""
+    hooked at the chosen blocks, their rows streamed into a :class:`~vitlens.analysis.cka.CKAAccumulator`.
+
+    Under torchrun each rank takes whole minibatches (contiguous blocks of ``minibatch_size`` images, the
+    incomplete last one with the last of them), so its minibatches are the single process's, and the HSIC sums
+    are all-reduced: every rank returns the single process's matrix."""
     import contextlib
 
     import torch
 
+    from vitlens import distributed
     from vitlens.analysis.cka import CKAAccumulator
     from vitlens.capture import resolve_layers
     from vitlens.data import iterate_batches
@@ -228,6 +233,11 @@ def cka_for(
         space=space,  # type: ignore[arg-type]
     )
     batch_size = resolve_batch_size(batch_size, vit.device)
+    total = len(dataset)
+    dataset = distributed.shard(dataset, block=acc.minibatch_size)  # itself in a single process
+    if dataset_b is not None:
+        dataset_b = distributed.shard(dataset_b, block=acc.minibatch_size)
+    progress = distributed.global_progress(progress, total)
     shared = vit_b is not None and vit_b.model is vit.model  # one module: hook it once, for both layer lists
     hooked_a = sorted(set(chosen_a) | set(chosen_b)) if shared else chosen_a
     model_a = _BlockRows(vit, hooked_a, tokens)
@@ -253,9 +263,11 @@ def cka_for(
             acc.update(rows_a, rows_b)
             if progress is not None:
                 progress(int(batch.indices[-1]) + 1, len(dataset))
-    if acc.pending and acc.num_minibatches:
+    pending = distributed.all_reduce_sum(acc.pending)  # the incomplete last minibatch is on one rank only
+    acc.all_reduce()
+    if pending and acc.num_minibatches and distributed.is_main():
         logger.warning(
-            f"CKA: the last {acc.pending} image(s) do not fill a minibatch of {acc.minibatch_size} and are left out "
+            f"CKA: the last {pending} image(s) do not fill a minibatch of {acc.minibatch_size} and are left out "
             "(choose num_images as a multiple of minibatch_size to use them all)"
         )
     return acc.result(chosen_a, chosen_b, tokens)

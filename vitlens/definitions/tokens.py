@@ -254,11 +254,13 @@ def token_norms_for(
     offset: int = 0,
 ) -> TokenNorms:
     """One pass over ``dataset``: block outputs (and, with a threshold, attention and the input patch embeddings
-    ``vit.model.patch_embed(x)``) of ``layers`` into TokenNorms."""
+    ``vit.model.patch_embed(x)``) of ``layers`` into TokenNorms. Under torchrun each rank streams its shard and the
+    accumulators are all-reduced before the result, so every rank returns the single process's numbers."""
     import contextlib
 
     import torch
 
+    from vitlens import distributed
     from vitlens.analysis.tokens import TokenNormAccumulator
     from vitlens.attention import capped_batch_size
     from vitlens.data import iterate_batches
@@ -271,6 +273,10 @@ def token_norms_for(
     if threshold is not None:
         batch_size = capped_batch_size(vit, batch_size, dtype=dtype)
     total = len(dataset) if total is None else total
+    local = distributed.shard(dataset)  # the whole dataset in a single process
+    if local is not dataset and progress is not None:
+        progress = distributed.global_progress(progress, len(dataset), offset=offset, grand_total=total)
+        offset = 0
     attention = acc.update_attention if threshold is not None else None
     with contextlib.ExitStack() as stack:
         if threshold is not None:  # the patch projection's output, before position embeddings
@@ -278,10 +284,11 @@ def token_norms_for(
             stack.callback(handle.remove)
         stack.enter_context(torch.inference_mode())
         stack.enter_context(vit.hooks(attention=attention, blocks=acc.update_block, layers=chosen))
-        for batch in iterate_batches(dataset, batch_size=batch_size, device=vit.device):
+        for batch in iterate_batches(local, batch_size=batch_size, device=vit.device):
             vit.features(batch.images.to(dtype))
             if progress is not None:
                 progress(offset + int(batch.indices[-1]) + 1, total)
+    acc.all_reduce()
     return acc.result()
 
 

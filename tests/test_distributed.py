@@ -1,0 +1,228 @@
+"""vitlens under torch.distributed (gloo, CPU): 2 and 3 spawned ranks on a dataset whose size no rank count divides
+give the single process's numbers; only rank 0 writes files; a rank that raises ends every rank within 60 s."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vitlens.distributed import shard_indices, torchrun_env
+
+NUM_IMAGES = 11  # divisible by neither 2 nor 3; CKA minibatches of 4: 4 + 4 + 3 (the last dropped)
+MINIBATCH = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_env(rank: int, world: int, port: int) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        VITLENS_DIST_TIMEOUT="45",
+    )
+
+
+def _analyses(out: Path | None) -> dict[str, np.ndarray]:
+    """Every distributed analysis on the demo model and NUM_IMAGES digits; saves results under ``out``."""
+    import vitlens
+    from vitlens.attention import rollout_for
+    from vitlens.data import open_dataset
+    from vitlens.models import load_vit
+
+    vit = load_vit("demo", device="cpu")
+    data = open_dataset("digits", vit.preprocess, split="test", num_images=NUM_IMAGES)
+    att = vitlens.attention_distance(vit, data, batch_size=4)
+    tok = vitlens.tokens(vit, data, batch_size=4)  # auto threshold: two passes, the second uses the first's result
+    cka = vitlens.cka(vit, data, tokens="mean-patch", minibatch_size=MINIBATCH, batch_size=3)
+    # batch 1: a float32 map depends (at 1e-7) on which images share its batch, and the shards cut other batches
+    roll = rollout_for(vit, data, batch_size=1)
+    if out is not None:
+        att.save(out / "attention_distance")
+    d, t, c = att.distance, tok.norms, cka.cka
+    return {
+        "distance_px": d.distance_px,
+        "std_px": d.std_px,
+        "prefix_mass": d.prefix_mass,
+        "att_num_images": np.int64(d.num_images),
+        "histograms": t.histograms,
+        "norm_mean": t.norm_mean,
+        "norm_quantiles": t.norm_quantiles,
+        "threshold": np.float64(t.threshold),
+        "outlier_map": t.outlier_map,
+        "patch_attention_prefix": t.patch_attention_prefix,
+        "neighbour_similarity_normal": t.neighbour_similarity_normal,
+        "tok_num_images": np.int64(t.num_images),
+        "cka": c.matrix,
+        "hsic_ab": c.hsic_ab,
+        "cka_num_images": np.int64(c.num_images),
+        "cka_minibatches": np.int64(c.num_minibatches),
+        "rollout": roll.maps,
+        "patch_mass": roll.patch_mass,
+    }
+
+
+def _numbers_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch
+
+    from vitlens.distributed import distributed_context, world_size
+
+    torch.set_num_threads(1)
+    _rank_env(rank, world, port)
+    with distributed_context(device="cpu"):
+        assert world_size() == world
+        numbers = _analyses(Path(out) / f"files{rank}")
+    np.savez(Path(out) / f"rank{rank}.npz", **numbers)
+
+
+def _failing_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Rank 1 raises at once; rank 0 computes, then blocks in the reduction that rank 1 never joins."""
+    import torch
+
+    from vitlens.errors import VitlensError
+
+    torch.set_num_threads(1)
+    _rank_env(rank, world, port)
+    from vitlens.distributed import distributed_context
+
+    try:
+        with distributed_context(device="cpu"):
+            if rank == 1:
+                raise VitlensError("rank 1: this rank failed on purpose")
+            _analyses(None)
+    except VitlensError as e:
+        Path(out, f"error{rank}.txt").write_text(str(e))
+        sys.exit(1)
+
+
+def _spawn(target, world: int, out: Path, timeout: float = 90) -> tuple[list[int | None], float]:
+    """Start ``world`` ranks (spawned, file-free TCP rendezvous on localhost); their exit codes and the wall time."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, str(out))) for r in range(world)]
+    started = time.monotonic()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(max(1.0, timeout - (time.monotonic() - started)))
+    elapsed = time.monotonic() - started
+    codes = [p.exitcode for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    return codes, elapsed
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 11, 12])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("block", [1, 4])
+def test_shards_cover_every_image_once_in_order(n, world, block):
+    parts = [shard_indices(n, block=block, rank_=r, world=world) for r in range(world)]
+    assert np.concatenate(parts).tolist() == list(range(n))  # contiguous, in rank order, nothing repeated
+    units = [-(-len(p) // block) for p in parts]  # ceil: a partial unit counts as one
+    assert max(units) - min(units) <= 1  # balanced to within one unit
+    for p in parts[:-1]:  # every block boundary is a global one: only the last image run may be a partial unit
+        if len(p) and p[-1] != n - 1:
+            assert (p[-1] + 1) % block == 0
+
+
+def test_torchrun_env():
+    assert torchrun_env({}) is None and torchrun_env({"WORLD_SIZE": "1", "RANK": "0"}) is None
+    env = torchrun_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "MASTER_ADDR": "node7"})
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr) == (3, 4, 1, "node7")
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _analyses(None)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_give_the_single_process_numbers(world, single_process, tmp_path):
+    codes, _ = _spawn(_numbers_worker, world, tmp_path)
+    assert codes == [0] * world
+    for rank in range(world):
+        with np.load(tmp_path / f"rank{rank}.npz") as got:
+            assert set(got.files) == set(single_process)
+            for name, want in single_process.items():
+                if name in ("rollout", "patch_mass"):  # per-image maps: gathered in dataset order, bit for bit
+                    assert np.array_equal(got[name], want), name
+                else:  # reductions: sums of per-rank float64 sums
+                    np.testing.assert_allclose(got[name], want, rtol=1e-6, atol=1e-12, err_msg=name)
+    assert int(single_process["att_num_images"]) == NUM_IMAGES == int(single_process["tok_num_images"])
+    assert int(single_process["cka_minibatches"]) == 2  # the last 3 images do not fill a minibatch
+    # only rank 0 wrote files; the other ranks did not even create their output folder
+    assert sorted(p.name for p in (tmp_path / "files0" / "attention_distance").iterdir()) == [
+        "attention_distance.csv",
+        "attention_distance.json",
+        "attention_distance.npz",
+        "attention_distance.png",
+    ]
+    assert not any((tmp_path / f"files{rank}").exists() for rank in range(1, world))
+
+
+@pytest.mark.slow
+def test_a_failing_rank_ends_every_rank(tmp_path):
+    codes, elapsed = _spawn(_failing_worker, 2, tmp_path, timeout=60)
+    assert codes == [1, 1] and elapsed < 60, (codes, elapsed)
+    lines = [(tmp_path / f"error{rank}.txt").read_text() for rank in range(2)]
+    assert lines[1] == "rank 1: this rank failed on purpose"
+    assert lines[0].startswith("rank 0: ") and "another rank failed first" in lines[0] and "\n" not in lines[0]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("vitlens") is None, reason="the vitlens console script is not installed")
+def test_cli_under_torchrun(tmp_path):
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        str(_free_port()),
+        shutil.which("vitlens"),
+        "attention-distance",
+        "demo",
+        "--device",
+        "cpu",
+        "--num-images",
+        str(NUM_IMAGES),
+        "--out",
+        str(out),
+        "--json",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VITLENS_DIST_TIMEOUT": "45"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(printed) == 1  # rank 1 is silent
+    assert printed[0]["num_images"] == NUM_IMAGES
+    saved = json.loads((out / "attention_distance.json").read_text())
+    assert saved["distance_px"] == printed[0]["distance_px"]
