@@ -287,7 +287,7 @@ def test_preprocess_overrides_replace_the_guess(tmp_path):
     assert (mean.value.param, std.value.param, interpolation.value.param) == ("mean", "std", "interpolation")
 
 
-def test_npz_gets_half_half_and_names_dropped_pre_logits(tmp_path, caplog):
+def test_npz_gets_half_half_and_keeps_the_pre_logits_head(tmp_path, caplog):
     import numpy as np
     from timm.models.vision_transformer import _load_weights  # noqa: F401  (the reader vitlens relies on)
 
@@ -300,8 +300,8 @@ def test_npz_gets_half_half_and_names_dropped_pre_logits(tmp_path, caplog):
         "Transformer/posembed_input/pos_embedding": sd["pos_embed"].numpy(),
         "Transformer/encoder_norm/scale": sd["norm.weight"].numpy(),
         "Transformer/encoder_norm/bias": sd["norm.bias"].numpy(),
-        "pre_logits/kernel": np.eye(48, dtype=np.float32),
-        "pre_logits/bias": np.zeros(48, dtype=np.float32),
+        "pre_logits/kernel": np.random.default_rng(0).normal(size=(48, 48)).astype(np.float32),  # [in, out]
+        "pre_logits/bias": np.random.default_rng(1).normal(size=48).astype(np.float32),
         "head/kernel": sd["head.weight"].T.numpy(),
         "head/bias": sd["head.bias"].numpy(),
     }
@@ -327,10 +327,15 @@ def test_npz_gets_half_half_and_names_dropped_pre_logits(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="vitlens"):
         vit = load_vit(tmp_path / "ViT-T_8.npz", device="cpu")
     assert vit.preprocess.mean == (0.5, 0.5, 0.5) and any(k.startswith("mean/std") for k in vit.guessed)
-    assert "dropped pre-logits layer (pre_logits/bias, pre_logits/kernel)" in caplog.text
+    assert "dropped" not in caplog.text and vit.describe()["head"] == "mlp: linear 48→48, tanh, linear 48→5"
     x = input_for(model)
     with torch.no_grad():
         torch.testing.assert_close(vit.model.forward_features(x), model.forward_features(x), atol=1e-5, rtol=1e-5)
+        # The ViT paper's head written out on the class token: tanh(x W_pre + b_pre) W_head + b_head (kernels [in, out])
+        cls = model.forward_head(model.forward_features(x), pre_logits=True)  # [B, 48]
+        a = {k: torch.from_numpy(v) for k, v in arrays.items() if k.startswith(("pre_logits/", "head/"))}
+        expected = torch.tanh(cls @ a["pre_logits/kernel"] + a["pre_logits/bias"]) @ a["head/kernel"] + a["head/bias"]
+        torch.testing.assert_close(vit.model(x), expected, atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- heads and errors

@@ -115,24 +115,21 @@ def test_legacy_mlp_names_are_read(tmp_path):
 
 
 @torch.no_grad()
-def test_pre_logits_head_is_dropped_and_features_kept(tmp_path):
+def test_pre_logits_head_is_kept_and_logits_match(tmp_path):
     tv = _tiny_tv(representation_size=16)
     sd = _saved(tv, tmp_path)
     conv = convert_torchvision_vit(sd, num_heads=2)
-    assert conv.kwargs["num_classes"] == 0
-    assert len(conv.dropped) == 2
-    assert "heads.pre_logits.weight" in conv.dropped[0] and "heads.head.weight" in conv.dropped[1]
-    assert not any(k.startswith(("head", "heads")) for k in conv.state_dict)
+    assert conv.kwargs["num_classes"] == 5 and conv.dropped == []
+    assert conv.kwargs["head_layers"] == [{"linear": [32, 16]}, {"act": "tanh"}, {"linear": [16, 5]}]
+    assert sorted(k for k in conv.state_dict if k.startswith("head")) == [
+        "head.0.bias",
+        "head.0.weight",
+        "head.2.bias",
+        "head.2.weight",
+    ]
     timm_model = _converted(sd, num_heads=2)
     x = torch.randn(2, 3, 32, 32)
-    # What the checkpoint's heads see: the class token after encoder.ln, i.e. timm's pooled features.
-    feats: list[torch.Tensor] = []
-    handle = tv.heads.register_forward_pre_hook(lambda m, args: feats.append(args[0]))
-    try:
-        tv(x)
-    finally:
-        handle.remove()
-    torch.testing.assert_close(timm_model(x), feats[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(timm_model(x), tv(x), atol=1e-5, rtol=1e-5)
 
 
 def test_custom_width_needs_num_heads(tmp_path):

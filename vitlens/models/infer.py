@@ -2,7 +2,8 @@
 
 Everything but the number of heads is in the shapes: patch size and channels (patch projection), width and depth
 (blocks), MLP ratio, qkv bias, q/k norm, layer scale, prefix tokens, the position-embedding grid and whether the
-prefix tokens have position embeddings (``no_embed_class``), final / fc norm, and the classifier width.
+prefix tokens have position embeddings (``no_embed_class``), final / fc norm, and the classifier: one Linear layer,
+or the layers of a Sequential head (:func:`sequential_head`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vitlens.errors import ParameterError, VitlensError
-from vitlens.models.convert import INFERRED_ARCH, INFERRED_DISTILLED_ARCH, mlp_ratio_for
+from vitlens.models.convert import HEAD_ACT_GUESS, HEAD_ACTS, INFERRED_ARCH, INFERRED_DISTILLED_ARCH, mlp_ratio_for
 
 if TYPE_CHECKING:
     import torch
@@ -44,7 +45,8 @@ class InferredArch:
     arch: str
     kwargs: dict[str, Any]
     guessed: dict[str, str] = field(default_factory=dict)
-    dropped_keys: list[str] = field(default_factory=list)  # head weights that do not fit a linear head
+    dropped_keys: list[str] = field(default_factory=list)  # head weights vitlens cannot rebuild (DINO heads, ...)
+    head_keys: dict[str, str] = field(default_factory=dict)  # a multi-layer head's keys: state dict -> head_layers'
 
 
 def heads_for_width(embed_dim: int, num_heads: int | None, family: str | None = None) -> tuple[int, str | None]:
@@ -164,17 +166,95 @@ def infer_from_state_dict(
         kwargs["no_embed_class"] = no_embed_class
     kwargs["img_size"] = (grid[0] * ph, grid[1] * pw)
 
-    # Classifier: a linear head of width embed_dim is kept; anything else (MLP heads, DINO heads) is dropped.
+    # Classifier: a linear head of width embed_dim, or a Sequential of Linear layers (an MLP head) is kept; anything
+    # else (DINO projection heads `head.mlp.*` / `head.last_layer.*`, heads on another width) is dropped.
     dropped: list[str] = []
+    head_keys: dict[str, str] = {}
     head_w = sd.get("head.weight")
+    mlp = None if distilled else sequential_head(sd, "head.", embed_dim)
     if head_w is not None and head_w.ndim == 2 and head_w.shape[1] == embed_dim:
         kwargs["num_classes"] = int(head_w.shape[0])
+    elif mlp is not None:
+        kwargs["head_layers"], head_keys, head_guessed = mlp
+        kwargs["num_classes"] = int(kwargs["head_layers"][-1]["linear"][1])
+        guessed.update(head_guessed)
     else:
         kwargs["num_classes"] = 0
         dropped = [k for k in keys if k.startswith(("head.", "head_dist."))]
     if distilled and kwargs["num_classes"] == 0:
         dropped = sorted(set(dropped) | {k for k in keys if k.startswith("head_dist.")})
-    return InferredArch(INFERRED_DISTILLED_ARCH if distilled else INFERRED_ARCH, kwargs, guessed, dropped)
+    arch = INFERRED_DISTILLED_ARCH if distilled else INFERRED_ARCH
+    return InferredArch(arch, kwargs, guessed, dropped, head_keys)
+
+
+def sequential_head(
+    sd: dict[str, torch.Tensor], prefix: str, embed_dim: int
+) -> tuple[list[dict[str, Any]], dict[str, str], dict[str, str]] | None:
+    """A classifier saved from an ``nn.Sequential`` (``head.0.weight``, ``head.2.weight``, ...) as ``head_layers``.
+
+    What a state dict holds of such a head is its Linear layers (2-D weight ``[out, in]`` + bias) and LayerNorms
+    (1-D weight + bias); the modules without parameters leave gaps in the numbering. A gap between two Linear
+    layers is read as one activation (a dropout beside it is the identity in eval mode) which the state dict does
+    not name: GELU is assumed, as in the from-scratch ViT scripts' MLP heads (early lucidrains/vit-pytorch
+    ``mlp_head``: Linear, GELU, Linear), and listed as guessed (``model_kwargs`` ``head_act`` sets it). A LayerNorm
+    of width ``embed_dim`` may come first (vit-pytorch's later ``mlp_head``: LayerNorm, Linear); its epsilon is
+    not stored either: torch's default 1e-5, as vit-pytorch builds it.
+
+    Args:
+        sd: the state dict.
+        prefix: the head's key prefix, e.g. ``"head."``.
+        embed_dim: the width of the pooled features.
+
+    Returns:
+        (head_layers, key renames from ``sd`` to the rebuilt Sequential's numbering, guessed facts), or None when
+        the keys under ``prefix`` are not such a head (e.g. DINO's ``head.mlp.*``) or the widths do not chain.
+    """
+    indexed: dict[int, dict[str, torch.Tensor]] = {}
+    for key, tensor in sd.items():
+        if not key.startswith(prefix):
+            continue
+        m = re.fullmatch(re.escape(prefix) + r"(\d+)\.(weight|bias)", key)
+        if m is None:
+            return None
+        indexed.setdefault(int(m.group(1)), {})[m.group(2)] = tensor
+    if not indexed:
+        return None
+    layers: list[dict[str, Any]] = []
+    renames: dict[str, str] = {}
+    guessed: dict[str, str] = {}
+    width, previous = embed_dim, None  # the features so far; the last source index and its kind
+    for index in sorted(indexed):
+        params = indexed[index]
+        w, b = params.get("weight"), params.get("bias")
+        if w is None or b is None:  # Linear(bias=False) and LayerNorm(bias=False) are not rebuilt
+            return None
+        if w.ndim == 2 and b.ndim == 1 and int(w.shape[1]) == width and int(b.shape[0]) == int(w.shape[0]):
+            if previous is not None and previous[1] == "linear" and index - previous[0] > 1:
+                layers.append({"act": "gelu"})
+                guessed[HEAD_ACT_GUESS] = (
+                    "a state dict does not store the activation between the head's Linear layers; assumed GELU, "
+                    f"as the from-scratch ViT scripts' MLP heads (set with --model-kwargs "
+                    f'\'{{"head_act": "relu"}}\'; one of {", ".join(HEAD_ACTS)})'
+                )
+            elif previous is not None and index - previous[0] > 1:
+                return None  # something without parameters after a LayerNorm: not a layout vitlens knows
+            kind, entry = "linear", {"linear": [width, int(w.shape[0])]}
+            width = int(w.shape[0])
+        elif previous is None and w.ndim == 1 and b.ndim == 1 and int(w.shape[0]) == width == int(b.shape[0]):
+            kind, entry = "layer_norm", {"layer_norm": [width, 1e-5]}
+            guessed["head_layer_norm_eps"] = (
+                "the head's LayerNorm epsilon is not stored; assumed 1e-5, torch's default, as vit-pytorch's "
+                "mlp_head builds it"
+            )
+        else:
+            return None
+        for name in ("weight", "bias"):
+            renames[f"{prefix}{index}.{name}"] = f"head.{len(layers)}.{name}"
+        layers.append(entry)
+        previous = (index, kind)
+    if "linear" not in layers[-1]:
+        return None
+    return layers, renames, guessed
 
 
 def _grid_from_img_size(img_size: tuple[int, int], patch: tuple[int, int]) -> tuple[int, int]:
@@ -264,4 +344,14 @@ def infer_from_npz(shapes: dict[str, tuple[int, ...]]) -> InferredArch:
     }
     if f"{prefix}MAPHead_0/probe" in shapes:
         kwargs["global_pool"] = "map"
-    return InferredArch(INFERRED_ARCH, kwargs)
+    # The ViT paper's pre-training head (§3.1; google-research/vision_transformer: Dense `pre_logits`, tanh, Dense
+    # `head`), kept in the original i21k releases: a Sequential head, its kernels [in, out] transposed when loaded.
+    pre = shapes.get(f"{prefix}pre_logits/kernel")  # [D, R]
+    head_keys: dict[str, str] = {}
+    if pre is not None and len(pre) == 2 and pre[0] == embed_dim and kwargs["num_classes"] and head[0] == pre[1]:
+        kwargs["head_layers"] = [{"linear": [int(embed_dim), int(pre[1])]}, {"act": "tanh"}]
+        kwargs["head_layers"].append({"linear": [int(pre[1]), kwargs["num_classes"]]})
+        for src, index in (("pre_logits", 0), ("head", 2)):
+            head_keys[f"{prefix}{src}/kernel"] = f"head.{index}.weight"
+            head_keys[f"{prefix}{src}/bias"] = f"head.{index}.bias"
+    return InferredArch(INFERRED_ARCH, kwargs, head_keys=head_keys)

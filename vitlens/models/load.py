@@ -368,6 +368,7 @@ def _fmt_value(value: Any) -> str:
 
 
 def _from_npz(raw: RawCheckpoint, arch: str | None, model_kwargs: dict[str, Any]) -> ViT:
+    head_keys: dict[str, str] = {}
     if arch is not None:
         model = build_model(arch, model_kwargs)
         arch_name, kwargs = arch, dict(model_kwargs)
@@ -375,15 +376,21 @@ def _from_npz(raw: RawCheckpoint, arch: str | None, model_kwargs: dict[str, Any]
         inferred = infer_from_npz(raw.npz_shapes)
         kwargs = {**inferred.kwargs, **model_kwargs}
         model = build_model(inferred.arch, kwargs)
-        arch_name = inferred.arch
+        arch_name, head_keys = inferred.arch, inferred.head_keys
     _require_vit(model, arch_name)
     try:
-        model.load_pretrained(str(raw.path))
+        model.load_pretrained(str(raw.path))  # timm's reader skips a head that is not one Linear layer
     except (KeyError, RuntimeError, ValueError) as e:
         raise VitlensError(f"{raw.path.name} does not match a ViT of {arch_name}: {str(e).splitlines()[0][:200]}")
-    dropped = []
+    dropped, converted = [], []
+    if head_keys:
+        _load_npz_head(model, raw.path, head_keys)
+        converted.append(
+            "pre_logits + tanh + head (the ViT paper's representation layer) -> head.0 + tanh + head.2: the "
+            "checkpoint's logits"
+        )
     pre_logits = sorted(k for k in raw.npz_shapes if "pre_logits/" in k)
-    if pre_logits:
+    if pre_logits and not head_keys:
         # timm dropped the representation layer (ViT paper §3.1, used only by the original i21k releases): the
         # head then reads the class token directly, so logits are not the checkpoint's.
         dropped.append(
@@ -417,8 +424,22 @@ def _from_npz(raw: RawCheckpoint, arch: str | None, model_kwargs: dict[str, Any]
         arch_kwargs=kwargs,
         guessed=guessed,
         source_format="npz (Google ViT / big_vision)",
+        converted=converted,
         dropped=dropped,
     )
+
+
+def _load_npz_head(model: nn.Module, path: Path, head_keys: dict[str, str]) -> None:
+    """Copy a Sequential head's weights from the ``.npz`` (Flax Dense kernels are [in, out]: transposed)."""
+    import numpy as np
+    import torch
+
+    own = model.state_dict()
+    with np.load(path) as arrays, torch.no_grad():
+        for src, dst in head_keys.items():
+            value = torch.from_numpy(np.asarray(arrays[src], dtype=np.float32))
+            value = value.T if src.endswith("/kernel") else value  # [in, out] -> [out, in]
+            own[dst].copy_(value)
 
 
 def _require_vit(model: nn.Module, arch: str) -> None:

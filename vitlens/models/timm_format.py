@@ -13,7 +13,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from vitlens.errors import VitlensError
-from vitlens.models.convert import Conversion, build_vit, check_structure
+from vitlens.models.convert import Conversion, build_vit, check_structure, describe_head_layers
 from vitlens.models.infer import infer_from_state_dict
 from vitlens.models.vit import is_timm_vit
 
@@ -53,23 +53,36 @@ def convert_timm(
     """A timm-layout state dict, its architecture read off the shapes."""
     sd = dict(sd)
     converted = []
-    if any(_DEIT3_GAMMA.match(k) for k in sd):
+    deit3 = any(_DEIT3_GAMMA.match(k) for k in sd)
+    if deit3:
         # DeiT-III's own blocks keep layer scale as gamma_1 / gamma_2; timm's as ls1.gamma / ls2.gamma.
         sd = {_DEIT3_GAMMA.sub(r"\1ls\2.gamma", k): v for k, v in sd.items()}
         converted.append("DeiT-III layer scale gamma_1/gamma_2 -> ls1/ls2")
     sd.pop("mask_token", None)  # iBOT / DINO-style masking token: not on the inference path
+    if not any(k.startswith("head.") for k in sd) and any(k.startswith("mlp_head.") for k in sd):
+        # The from-scratch ViT scripts name their classifier `mlp_head` (lucidrains/vit-pytorch and its copies).
+        sd = {("head." + k.removeprefix("mlp_head.") if k.startswith("mlp_head.") else k): v for k, v in sd.items()}
+        converted.append("mlp_head -> head")
     inferred = infer_from_state_dict(sd, num_heads=num_heads, img_size=img_size)
+    if inferred.head_keys:
+        sd = {inferred.head_keys.get(k, k): v for k, v in sd.items()}
+        layers = inferred.kwargs["head_layers"]
+        converted.append(
+            f"classifier of {sum('linear' in e for e in layers)} Linear layers kept as a Sequential head "
+            f"({describe_head_layers(layers)}); logits are the checkpoint's"
+        )
     dropped = []
     if inferred.dropped_keys:
         for key in inferred.dropped_keys:
             sd.pop(key, None)
         dropped.append(
             f"classifier ({', '.join(inferred.dropped_keys[:3])}{', ...' if len(inferred.dropped_keys) > 3 else ''})"
-            ": not one linear layer of the backbone's width; the analyses use the backbone"
+            ": not one linear layer of the backbone's width, nor a Sequential of Linear layers that vitlens rebuilds; "
+            "the analyses use the backbone"
         )
     if "dist_token" in sd:
         defaults, why = DEIT_DEFAULTS, "DeiT's evaluation transforms"
-    elif converted:
+    elif deit3:
         defaults, why = DEIT3_DEFAULTS, "DeiT-III's evaluation transforms"
     else:
         defaults, why = TIMM_VIT_DEFAULTS, "timm's ViT default"

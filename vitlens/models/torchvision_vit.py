@@ -14,7 +14,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from vitlens.errors import VitlensError
-from vitlens.models.convert import INFERRED_ARCH, Conversion, check_structure, mlp_ratio_for
+from vitlens.models.convert import INFERRED_ARCH, Conversion, check_structure, describe_head_layers, mlp_ratio_for
 from vitlens.models.infer import heads_for_width
 
 if TYPE_CHECKING:
@@ -41,6 +41,13 @@ KEY_MAP: tuple[tuple[str, str], ...] = (
 )
 _PRE_LOGITS = ("heads.pre_logits.weight", "heads.pre_logits.bias")
 _HEAD = ("heads.head.weight", "heads.head.bias")
+# The representation_size head (Linear, Tanh, Linear) as vitlens' Sequential head (see _representation_head).
+_REPRESENTATION_KEYS = {
+    "heads.pre_logits.weight": "head.0.weight",
+    "heads.pre_logits.bias": "head.0.bias",
+    "heads.head.weight": "head.2.weight",
+    "heads.head.bias": "head.2.bias",
+}
 _FC1 = "encoder.layers.encoder_layer_0.mlp."
 _REQUIRED = ("class_token", "conv_proj.weight", "encoder.pos_embedding", "encoder.ln.weight")
 
@@ -78,8 +85,8 @@ def is_torchvision_vit(state_dict: dict[str, torch.Tensor]) -> bool:
 def convert_torchvision_vit(state_dict: dict[str, torch.Tensor], *, num_heads: int | None = None) -> Conversion:
     """Rename a torchvision ``VisionTransformer`` state dict to timm's and read its architecture off the shapes.
 
-    A classifier behind ``heads.pre_logits`` (``representation_size``: Linear + tanh) has no timm counterpart, so
-    both layers are dropped and the model is built without a head (``num_classes`` 0); its features are unchanged.
+    A classifier behind ``heads.pre_logits`` (``representation_size``: Linear + tanh + Linear) is kept as a
+    Sequential head (``head_layers``), so the logits are torchvision's.
 
     Args:
         state_dict: the ``model.state_dict()`` of a torchvision ``VisionTransformer``.
@@ -126,29 +133,14 @@ def convert_torchvision_vit(state_dict: dict[str, torch.Tensor], *, num_heads: i
     )
     mlp_ratio = mlp_ratio_for(mlp_dim, embed_dim)
 
-    dropped: list[str] = []
     num_classes = int(state_dict["heads.head.weight"].shape[0]) if "heads.head.weight" in state_dict else 0
-    skip: set[str] = set()
-    if any(k in state_dict for k in _PRE_LOGITS):
-        skip = {k for k in (*_PRE_LOGITS, *_HEAD) if k in state_dict}
-        rep = int(state_dict["heads.pre_logits.weight"].shape[0])
-        dropped.append(
-            f"pre-logits layer ({', '.join(_PRE_LOGITS)}): the Linear({embed_dim}->{rep}) + tanh of "
-            "representation_size, which timm's VisionTransformer has no layer for"
-        )
-        if num_classes:
-            dropped.append(
-                f"classifier ({', '.join(_HEAD)}): its {num_classes} logits sit on the pre-logits layer, so the "
-                "model is built without a head (num_classes 0) and its logits are not the checkpoint's"
-            )
-        num_classes = 0
+    head_layers = _representation_head(state_dict, embed_dim)
+    renames = dict(_REPRESENTATION_KEYS) if head_layers else {}
 
     out: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
     for key, tensor in state_dict.items():
-        if key in skip:
-            continue
-        name = _timm_name(key)
+        name = renames.get(key) or _timm_name(key)
         if name is None:
             unknown.append(key)
         else:
@@ -179,6 +171,12 @@ def convert_torchvision_vit(state_dict: dict[str, torch.Tensor], *, num_heads: i
         "heads.head); shapes unchanged",
         "self_attention.in_proj_weight/bias -> attn.qkv (q, k, v rows in the same order)",
     ]
+    if head_layers:
+        kwargs["head_layers"] = head_layers
+        converted.append(
+            f"representation_size head kept: heads.pre_logits + tanh + heads.head -> head.0 + tanh + head.2 "
+            f"({describe_head_layers(head_layers)})"
+        )
     if any(".mlp.linear_" in k for k in state_dict):
         converted.append("legacy MLP names mlp.linear_1/linear_2 (torchvision < 0.14) -> mlp.fc1/fc2")
     defaults, default_why = _preprocess_defaults(img_size, patch, embed_dim, depth)
@@ -191,8 +189,30 @@ def convert_torchvision_vit(state_dict: dict[str, torch.Tensor], *, num_heads: i
         preprocess_default_why=default_why,
         guessed={"num_heads": why} if why else {},
         converted=converted,
-        dropped=dropped,
     )
+
+
+def _representation_head(state_dict: dict[str, torch.Tensor], embed_dim: int) -> list[dict[str, Any]] | None:
+    """``head_layers`` for torchvision's ``representation_size`` head, or None when it has none.
+
+    torchvision builds ``heads`` as ``pre_logits`` = Linear(hidden_dim, representation_size), ``act`` = Tanh,
+    ``head`` = Linear(representation_size, num_classes) (the ViT paper's pre-training head, §3.1): a Sequential
+    whose parameters sit at 0 and 2, as :data:`_REPRESENTATION_KEYS` renumbers them.
+
+    Raises:
+        VitlensError: a pre-logits layer whose shapes do not chain from the width into the classifier.
+    """
+    if not any(k in state_dict for k in _PRE_LOGITS):
+        return None
+    missing = [k for k in (*_PRE_LOGITS, *_HEAD) if k not in state_dict]
+    pre, head = state_dict.get("heads.pre_logits.weight"), state_dict.get("heads.head.weight")  # [R, D], [K, R]
+    if missing or pre.ndim != 2 or head.ndim != 2 or pre.shape[1] != embed_dim or head.shape[1] != pre.shape[0]:
+        shapes = {k: list(state_dict[k].shape) for k in (*_PRE_LOGITS, *_HEAD) if k in state_dict}
+        raise VitlensError(
+            f"the representation_size head does not chain from width {embed_dim} into the classifier: {shapes}"
+        )
+    rep, classes = int(pre.shape[0]), int(head.shape[0])
+    return [{"linear": [embed_dim, rep]}, {"act": "tanh"}, {"linear": [rep, classes]}]
 
 
 def _timm_name(key: str) -> str | None:

@@ -247,6 +247,11 @@ class ViT:
         import torch
 
         self.model.reset_classifier(num_classes)
+        # The checkpoint's own multi-layer head is gone: its description must not be saved with the new one, and
+        # the kwargs that rebuild the model now give the new head's size.
+        for key in ("head_layers", "head_act"):
+            self.arch_kwargs.pop(key, None)
+        self.arch_kwargs["num_classes"] = num_classes
         if zero:
             with torch.no_grad():
                 for name in ("head", "head_dist"):
@@ -301,6 +306,7 @@ class ViT:
 
     def describe(self) -> dict[str, Any]:
         """The facts `vitlens info` prints, JSON-ready."""
+        from vitlens.models.convert import describe_head
 
         layout = self.layout
         pos_kind = "none"
@@ -326,6 +332,7 @@ class ViT:
             "num_heads": self.num_heads,
             "in_chans": self.in_chans,
             "num_classes": self.num_classes,
+            "head": describe_head(self.model),  # e.g. "linear 384→10", "mlp: linear 768→768, tanh, linear 768→1000"
             "global_pool": self.global_pool,
             "pos_embed": pos_kind,
             "linear_patch_embed": self.has_linear_patch_embed,
