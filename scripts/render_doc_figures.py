@@ -52,7 +52,46 @@ def render_compare() -> None:
             sys.stderr.write(f"wrote {path} ({path.stat().st_size // 1024} KB)\n")
 
 
+def render_report_screenshot() -> None:
+    """docs/report.md's screenshot: the demo report's attention explorer in headless Chromium (skipped without it)."""
+    import shutil
+    import tempfile
+
+    from vitlens.report import build_report
+
+    browser, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        browser = None
+    if not browser or not driver_path:
+        sys.stderr.write("no chromium + chromedriver + selenium: report screenshot not rendered\n")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "report"
+        build_report(load_vit("demo", device="cpu"), sections=["info", "attention-distance", "rollout"], out=out)
+        options = webdriver.ChromeOptions()
+        options.binary_location = browser
+        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1000,900", "--hide-scrollbars"):
+            options.add_argument(arg)
+        driver = webdriver.Chrome(service=Service(driver_path), options=options)
+        try:
+            driver.get((out / "index.html").as_uri())
+            section = driver.find_element("id", "explorer")
+            driver.execute_script("document.querySelector('nav.sections').style.position = 'static'")
+            path = OUT / "report_explorer.png"
+            path.write_bytes(section.screenshot_as_png)
+            sys.stderr.write(f"wrote {path} ({path.stat().st_size // 1024} KB)\n")
+        finally:
+            driver.quit()
+
+
 def main() -> None:
+    if sys.argv[1:] == ["report"]:  # only the report page's screenshot (needs chromium and chromedriver)
+        OUT.mkdir(parents=True, exist_ok=True)
+        render_report_screenshot()
+        return
     if sys.argv[1:] == ["compare"]:  # only the compare example (it trains a model: about a minute on a CPU)
         OUT.mkdir(parents=True, exist_ok=True)
         render_compare()
@@ -91,6 +130,7 @@ def main() -> None:
         path = save_figure(fig, OUT / f"{name}.png")
         sys.stderr.write(f"wrote {path} ({path.stat().st_size // 1024} KB)\n")
     render_compare()
+    render_report_screenshot()
 
 
 if __name__ == "__main__":

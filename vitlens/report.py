@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import platform
 import time
 from collections.abc import Callable, Sequence
@@ -214,6 +215,7 @@ def build_report(
         if name not in chosen:
             results.append(SectionResult(name, "skipped", error="not selected with --sections"))
     results.sort(key=lambda r: order.index(r.name))
+    explorer = _explorer(run) if "rollout" in chosen else None
 
     card = _describe(vit)
     summary = {
@@ -228,6 +230,8 @@ def build_report(
         "versions": versions(),
         "sections": {r.name: r.to_dict() for r in results},
     }
+    if explorer is not None:
+        summary["explorer"] = explorer
     summary = finite(summary)
     files = [
         write_json(out / "summary.json", summary),
@@ -235,6 +239,8 @@ def build_report(
     ]
     files.append(write_text(out / "index.html", render_html(summary, card, out)))
     written = [out / f for r in results for f in r.files] + files
+    if explorer is not None and explorer["status"] == "ok":
+        written.append(out / explorer["file"])
     return ReportResult(out=out, sections=tuple(results), summary=summary, files=tuple(written))
 
 
@@ -253,6 +259,34 @@ def _run_section(name: str, run: _Run) -> SectionResult:
         message = f"{type(e).__name__}: {_one_line(str(e))}" if str(e).strip() else type(e).__name__
         return SectionResult(name, "failed", time.perf_counter() - started, error=message)
     return SectionResult(name, "ok", time.perf_counter() - started, finite(summary), run.rel(files), key=key)
+
+
+def _explorer(run: _Run) -> dict[str, Any]:
+    """The attention explorer's maps of the report's images in ``explorer.npz``, with the rollout section (its images).
+
+    A failure is recorded (status and one-line error) and costs only the explorer.
+    """
+    from vitlens.report_web import explorer_data
+
+    started = time.perf_counter()
+    try:
+        ex = explorer_data(run.vit, run.open_images(), batch_size=run.batch_size)
+        path = ex.save(run.out)
+    except Exception as e:  # like a section: the rest of the report stands
+        from vitlens.log import logger
+
+        logger.debug("explorer failed", exc_info=True)
+        message = f"{type(e).__name__}: {_one_line(str(e))}" if str(e).strip() else type(e).__name__
+        return {"status": "failed", "error": message, "seconds": round(time.perf_counter() - started, 3)}
+    return {
+        "status": "ok",
+        "seconds": round(time.perf_counter() - started, 3),
+        "file": run.rel([path])[0],
+        "images": len(ex.names),
+        "dropped_images": ex.dropped_images,
+        "layers": [int(v) for v in ex.layers],
+        "bytes": ex.num_bytes,
+    }
 
 
 def _one_line(message: str) -> str:
@@ -343,50 +377,118 @@ def _table_html(rows: Sequence[Sequence[str]], header: Sequence[str] | None = No
     return f"<table>{head}{body}</table>"
 
 
-def render_html(summary: dict[str, Any], card: dict[str, Any], out: Path) -> str:
-    """One self-contained page: model card, overview, each section's numbers and figures (PNG inlined as base64).
+def _cards(items: Sequence[tuple[str, str]]) -> str:
+    """Key numbers as small cards: value in bold, its name under it."""
+    esc = html.escape
+    return (
+        '<div class="card-grid">'
+        + "".join(f'<div class="card"><b>{esc(v)}</b><span>{esc(k)}</span></div>' for k, v in items)
+        + "</div>"
+    )
 
-    Links go only to files of ``out`` that exist, by relative path.
+
+_CARD_FACTS = ("arch", "num_params", "img_size", "patch_size", "grid_size", "depth", "num_heads", "embed_dim")
+
+
+def _attention_distance_live(out: Path) -> str:
+    """The attention-distance plot drawn by the page's script from ``attention_distance.json`` (hover a dot for
+    layer, head, distance and spread; a head's dots are joined across layers); nothing without the file."""
+    path = out / "attention_distance.json"
+    try:
+        numbers = json.loads(path.read_text())
+        payload = {"distance_px": numbers["distance_px"], "std_px": numbers["std_px"]}
+    except (OSError, ValueError, KeyError):
+        return ""
+    data = json.dumps(payload, separators=(",", ":"))
+    return (
+        '<div class="ad-live"><div id="ad-live"></div><p id="ad-tip" class="note">hover a dot: layer, head, '
+        f'distance and spread</p><script type="application/json" id="ad-data">{data}</script></div>'
+    )
+
+
+def render_html(summary: dict[str, Any], card: dict[str, Any], out: Path) -> str:
+    """One self-contained page: header with the model card, navigation, each section's key numbers as cards above
+    its figures (PNG inlined as base64), the attention explorer when ``explorer.npz`` was written, and versions.
+
+    The CSS and the script are vitlens's own (``vitlens/assets/report/``), written into the page: no network request,
+    and with JavaScript off every figure and table still shows. Links go only to files of ``out`` that exist, by
+    relative path. The same inputs give the same bytes.
     """
+    from vitlens.report_web import EXPLORER_FILE, Explorer, asset, explorer_html
+
     esc = html.escape
     sections = summary["sections"]
+    nav = "".join(
+        f'<a class="{s["status"]}" href="#{name}" title="{esc(s["status"])}">{esc(name)}</a>'
+        for name, s in sections.items()
+    )
+    explorer = summary.get("explorer") or {}
+    has_explorer = explorer.get("status") == "ok" and (out / EXPLORER_FILE).is_file()
+    if has_explorer:
+        nav += '<a class="ok" href="#explorer">explorer</a>'
     overview = []
     for name, s in sections.items():
         status = f'<span class="{s["status"]}">{esc(s["status"])}</span>'
         detail = esc(s["error"] or "") if s["status"] != "ok" else esc(s["key"])
         overview.append([f'<a href="#{name}">{esc(name)}</a>', status, f"{s['seconds']:.2f}", detail])
+    facts = [(k, _short(card[k])) for k in _CARD_FACTS if k in card]
+    rest = [[k, _short(v)] for k, v in card.items() if k not in _CARD_FACTS and k != "guessed"]
     parts = [
         "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>vitlens report: {esc(str(summary['source']))}</title><style>{_CSS}</style></head><body>",
+        '<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width,initial-scale=1">',
+        f"<title>vitlens report: {esc(str(summary['source']))}</title>",
+        f"<style>{asset('report.css')}</style></head><body>",
+        '<header class="top">',
         f"<h1>vitlens report: <code>{esc(str(summary['source']))}</code></h1>",
-        f'<p class="{summary["status"]}">status: {esc(summary["status"])}'
-        f" &middot; {summary['seconds']:.1f} s on {esc(summary['device'])} &middot; data {esc(summary['data'])}</p>",
-        "<h2>Sections</h2>",
-        _table_html(overview, ["section", "status", "seconds", "key number / error"], raw=True),
-        "<h2>Model</h2>",
-        _table_html([[k, _short(v)] for k, v in card.items() if k != "guessed"], ["fact", "value"]),
+        f'<p class="status-line"><span class="{summary["status"]}">status: {esc(summary["status"])}</span>'
+        f" &middot; {summary['seconds']:.1f} s on {esc(summary['device'])} &middot; data {esc(summary['data'])}"
+        + (f" &middot; failed: {esc(', '.join(summary['failed']))}" if summary["failed"] else "")
+        + "</p>",
+        _cards(facts),
+        "<details><summary>model card</summary>" + _table_html(rest, ["fact", "value"]),
     ]
     guessed = card.get("guessed") or {}
     if guessed:
         parts.append("<p>guessed: " + "; ".join(f"{esc(k)}: {esc(str(v))}" for k, v in guessed.items()) + "</p>")
+    parts += [
+        "</details></header>",
+        f'<nav class="sections" aria-label="sections">{nav}</nav>',
+        "<main>",
+        '<section id="overview" class="sec"><h2>Sections</h2>',
+        _table_html(overview, ["section", "status", "seconds", "key number / error"], raw=True),
+        "</section>",
+    ]
     for name, s in sections.items():
-        parts.append(f'<h2 id="{name}">{esc(name)} <small class="{s["status"]}">{esc(s["status"])}</small></h2>')
+        parts.append(f'<section id="{name}" class="sec sec-{s["status"]}">')
+        parts.append(f'<h2>{esc(name)} <small class="{s["status"]}">{esc(s["status"])}</small></h2>')
         if s["status"] != "ok":
-            parts.append(f"<p>{esc(s['error'] or '')}</p>")
+            parts.append(f"<p>{esc(s['error'] or '')}</p></section>")
             continue
         parts.append(f"<p>{esc(s['key'])}</p>")
-        parts.append(_table_html([[k, _short(v)] for k, v in s["summary"].items()], ["number", "value"]))
+        if name == "info":
+            parts.append('<p class="note">The model card is in the header.</p>')
+        else:
+            parts.append(_cards([(k, _short(v)) for k, v in s["summary"].items()]))
+        if name == "attention-distance":
+            parts.append(_attention_distance_live(out))
         for rel in s["files"]:
             if rel.endswith(".png") and (out / rel).is_file():
                 data = base64.b64encode((out / rel).read_bytes()).decode("ascii")
                 parts.append(f'<figure><img alt="{esc(rel)}" src="data:image/png;base64,{data}"></figure>')
         links = [f'<a href="{esc(rel)}">{esc(rel)}</a>' for rel in s["files"] if (out / rel).is_file()]
-        parts.append("<p>files: " + ", ".join(links) + "</p>")
+        parts.append('<p class="note">files: ' + ", ".join(links) + "</p></section>")
+    if has_explorer:
+        parts.append(explorer_html(Explorer.load(out / EXPLORER_FILE)))
+    elif explorer.get("status") == "failed":
+        parts.append(
+            '<section id="explorer" class="sec sec-failed"><h2>Attention explorer <small class="failed">failed</small>'
+            f"</h2><p>{esc(explorer.get('error') or '')}</p></section>"
+        )
     versions_row = [[k, str(v)] for k, v in summary["versions"].items()]
-    parts += ["<h2>Versions</h2>", _table_html(versions_row, ["package", "version"])]
-    parts += ['<p><a href="summary.json">summary.json</a> &middot; <a href="report.md">report.md</a></p>']
-    parts.append("</body></html>")
+    parts += ['<section id="versions" class="sec"><h2>Versions</h2>', _table_html(versions_row, ["package", "version"])]
+    parts += ['<p><a href="summary.json">summary.json</a> &middot; <a href="report.md">report.md</a></p></section>']
+    parts.append(f"</main><script>{asset('explorer.js')}</script></body></html>")
     return "\n".join(parts) + "\n"
 
 
