@@ -159,6 +159,9 @@ def test_the_cheaper_space_is_chosen():
     # ViT-S/16 with itself: 256 mean-patch rows -> Gram; 256 images x 196 patches -> feature space.
     assert choose_space(256, 12, 384, 12, 384, same=True) == "gram"
     assert choose_space(256 * 196, 12, 384, 12, 384, same=True) == "features"
+    # fewer multiply-adds in Gram space, but 12 kernels of 3,136² float64 (0.9 GiB) are over the memory cap
+    assert choose_space(16 * 196, 12, 384, 12, 384, same=True) == "features"
+    assert choose_space(16 * 196, 12, 384, 12, 384, same=True, max_gram_bytes=2**30) == "gram"
     assert CKAAccumulator(2, 8, minibatch_size=4, rows_per_image=100).space == "features"
 
 

@@ -90,6 +90,100 @@ def _numbers_worker(rank: int, world: int, port: int, out: str) -> None:
     np.savez(Path(out) / f"rank{rank}.npz", **numbers)
 
 
+FEWSHOT_IMAGES = 31  # per split; divisible by neither 2 nor 3
+
+
+def _fewshot(cache_dir: Path) -> dict[str, np.ndarray]:
+    """fewshot twice on the demo model (a cache miss, then a hit); accuracies, the extracted features, the cache
+    statuses and how often this process wrote the cache file."""
+    import vitlens
+    import vitlens.feature_cache as fc
+    from vitlens.models import load_vit
+
+    extracted: list[dict] = []
+    saves: list[Path] = []
+    extract, save = fc.extract_features, fc.save_cached_features
+
+    def spy_extract(*args, **kwargs):
+        extracted.append(extract(*args, **kwargs))
+        return extracted[-1]
+
+    def spy_save(path, *args, **kwargs):
+        saves.append(path)
+        return save(path, *args, **kwargs)
+
+    fc.extract_features, fc.save_cached_features = spy_extract, spy_save
+    try:
+        vit = load_vit("demo", device="cpu")
+        options = dict(shots="1,2", seeds=2, l2="auto", layers=[0, -1], feature="mean-patch", probe="both", knn_k="1,3")
+        first = vitlens.fewshot(vit, "digits", num_images=FEWSHOT_IMAGES, batch_size=4, cache_dir=cache_dir, **options)
+        again = vitlens.fewshot(vit, "digits", num_images=FEWSHOT_IMAGES, batch_size=4, cache_dir=cache_dir, **options)
+    finally:
+        fc.extract_features, fc.save_cached_features = extract, save
+    assert len(extracted) == 2  # pool and test, once each: the second run read the cache
+    assert np.array_equal(first.probe.accuracy, again.probe.accuracy)
+    return {
+        "lsr": first.probe.accuracy,
+        "lsr_l2": first.probe.l2,
+        "knn": first.knn.accuracy,
+        "num_train": np.int64(first.probe.num_train),
+        "num_test": np.int64(first.probe.num_test),
+        "train_features": np.stack([f.numpy() for f in extracted[0].values()]),
+        "test_features": np.stack([f.numpy() for f in extracted[1].values()]),
+        "cache": np.array([first.cache["train"], first.cache["test"], again.cache["train"], again.cache["test"]]),
+        "saves": np.int64(len(saves)),
+    }
+
+
+def _fewshot_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch
+
+    from vitlens.distributed import distributed_context
+
+    torch.set_num_threads(1)
+    _rank_env(rank, world, port)
+    with distributed_context(device="cpu"):
+        numbers = _fewshot(Path(out) / "cache")
+    np.savez(Path(out) / f"fewshot{rank}.npz", **numbers)
+
+
+EXPLAIN_IMAGES = 7  # divisible by neither 2 nor 3
+
+
+def _explain() -> dict[str, np.ndarray]:
+    """explain's per-image maps (a gradient method) and faithfulness curves on the demo model."""
+    from vitlens.data import open_dataset
+    from vitlens.definitions.explain import explain_faithfulness, explain_for
+    from vitlens.models import load_vit
+
+    vit = load_vit("demo", device="cpu")
+    data = open_dataset("digits", vit.preprocess, split="test", num_images=EXPLAIN_IMAGES)
+    # batch 1: a float32 map depends (at 1e-7) on which images share its batch, and the shards cut other batches
+    maps = explain_for(vit, data, method="attribution", batch_size=1)
+    faith = explain_faithfulness(vit, data, methods="attribution,rollout", steps=4, batch_size=1).faithfulness
+    return {
+        "maps": maps.maps,
+        "classes": maps.classes,
+        "scores": maps.scores,
+        "probabilities": faith.probabilities,
+        "correct": faith.correct,
+        "faith_classes": faith.classes,
+        "labels": faith.labels,
+    }
+
+
+def _explain_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch
+
+    from vitlens.distributed import distributed_context
+
+    torch.set_num_threads(1)
+    _rank_env(rank, world, port)
+    with distributed_context(device="cpu"):
+        numbers = _explain()
+    np.savez(Path(out) / f"explain{rank}.npz", **numbers)
+
+
 def _failing_worker(rank: int, world: int, port: int, out: str) -> None:
     """Rank 1 raises at once; rank 0 computes, then blocks in the reduction that rank 1 never joins."""
     import torch
@@ -226,3 +320,68 @@ def test_cli_under_torchrun(tmp_path):
     assert printed[0]["num_images"] == NUM_IMAGES
     saved = json.loads((out / "attention_distance.json").read_text())
     assert saved["distance_px"] == printed[0]["distance_px"]
+
+
+@pytest.fixture(scope="module")
+def single_process_fewshot(tmp_path_factory):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _fewshot(tmp_path_factory.mktemp("cache"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_fewshot_ranks_give_the_single_process_accuracies(world, single_process_fewshot, tmp_path):
+    want = single_process_fewshot
+    assert int(want["num_train"]) == FEWSHOT_IMAGES == int(want["num_test"])
+    assert want["cache"].tolist() == ["miss", "miss", "hit", "hit"] and int(want["saves"]) == 2
+    codes, _ = _spawn(_fewshot_worker, world, tmp_path, timeout=120)
+    assert codes == [0] * world
+    for rank in range(world):
+        with np.load(tmp_path / f"fewshot{rank}.npz") as got:
+            # every rank holds all rows, in dataset order (batches cut differently: float32 rounding only)
+            for name in ("train_features", "test_features"):
+                assert got[name].shape == want[name].shape, name
+                np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-6, err_msg=name)
+            for name in ("lsr", "knn", "lsr_l2", "num_train", "num_test"):
+                assert np.array_equal(got[name], want[name]), name
+            assert got["cache"].tolist() == ["miss", "miss", "hit", "hit"]  # every rank agreed on the branch
+            assert int(got["saves"]) == (2 if rank == 0 else 0)  # the cache files written by rank 0 alone
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # pool and test, and no stray temporary file
+
+
+def test_train_refuses_torchrun(tmp_path, monkeypatch):
+    """No DistributedDataParallel yet: under torchrun train stops with one line instead of training N copies."""
+    from vitlens.errors import VitlensError
+    from vitlens.train import TrainConfig, train
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(VitlensError, match=r"^train under torchrun is not supported yet: run it in one process$"):
+        train(TrainConfig(epochs=1), tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_explain_ranks_give_the_single_process_maps_and_curves(world, tmp_path):
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        want = _explain()
+    finally:
+        torch.set_num_threads(threads)
+    assert want["maps"].shape[0] == EXPLAIN_IMAGES == want["probabilities"].shape[2]
+    codes, _ = _spawn(_explain_worker, world, tmp_path)
+    assert codes == [0] * world
+    for rank in range(world):
+        with np.load(tmp_path / f"explain{rank}.npz") as got:
+            for name, value in want.items():  # per image, gathered in dataset order: bit for bit
+                assert np.array_equal(got[name], value), name

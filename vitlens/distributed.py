@@ -248,6 +248,21 @@ def gather_in_order(local: np.ndarray, indices: Any) -> np.ndarray:
     return rows[np.argsort(all_indices, kind="stable")]
 
 
+def gather_objects(local: Any) -> list[Any]:
+    """Every rank's ``local`` (any picklable object), in rank order, on every rank; ``[local]`` in one process.
+
+    The shards are contiguous and in rank order (:func:`shard_indices`), so per-rank results concatenated in this
+    order are in dataset order: the gather for results that are more than one array (e.g. faithfulness curves).
+    """
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1:
+        return [local]
+    parts: list[Any] = [None] * dist.get_world_size()
+    with _collective("gathering per-image results"):
+        dist.all_gather_object(parts, local)
+    return parts
+
+
 def shard_indices(n: int, *, block: int = 1, rank_: int | None = None, world: int | None = None) -> np.ndarray:
     """The dataset indices rank ``rank_`` (default: this one) owns out of ``n``: a contiguous run.
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
+from vitlens import distributed
 from vitlens.errors import VitlensError
 from vitlens.features import FeatureKind, Progress, canonical_feature, extract_features, resolve_feature_layers
 from vitlens.log import logger
@@ -131,6 +132,12 @@ def cached_features(
 
     Models without a stable identity (built in memory) are never cached.
 
+    Under torchrun every rank looks for the cache file itself (no shared filesystem is assumed), and the ranks
+    agree before anyone computes: a hit only if every rank found it, otherwise all extract their shards together
+    (:func:`extract_features` gathers the rows to every rank). Rank 0 alone writes the file, atomically, so no
+    rank ever reads a half-written file and no two ranks write it; the others do not wait for the write, since
+    they already hold the features.
+
     Returns:
         The features and whether they came from the cache (``hit``), were computed and stored (``miss``), or the
         cache was not used (``off``).
@@ -141,12 +148,15 @@ def cached_features(
     path = cache_path(default_cache_dir() if cache_dir is None else cache_dir, key) if key is not None else None
     if path is not None:
         feats = load_cached_features(path, key)
-        if feats is not None:
+        # One rank without the file (another node's disk, or a write not yet landed) makes every rank extract:
+        # the extraction is a collective, so all ranks must take the same branch.
+        if distributed.all_reduce_sum(int(feats is None)) == 0:
             logger.info(f"features of {dataset.spec} from the cache {path}")
-            return feats, "hit"
+            return feats, "hit"  # type: ignore[return-value]
     opts = {"batch_size": batch_size, "progress": progress, "num_workers": num_workers}
     feats = extract_features(vit, dataset, layers=chosen, feature=feature, **opts)
     if path is None:
         return feats, "off"
-    save_cached_features(path, key, feats)
+    if distributed.is_main():  # every rank holds the same gathered features; one writer
+        save_cached_features(path, key, feats)
     return feats, "miss"

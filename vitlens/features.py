@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 import torch
 
 from vitlens.capture import resolve_layers
@@ -91,6 +92,11 @@ def extract_features(
         progress: called as ``progress(done, total)`` before the first batch and after every batch.
         num_workers: DataLoader worker processes.
 
+    Under torchrun each rank runs the forward passes of its own contiguous shard
+    (:func:`vitlens.distributed.shard`) and the rows are gathered in dataset order to every rank
+    (:func:`vitlens.distributed.gather_in_order`), so every rank returns the single process's features; the probes
+    solved on them afterwards are then the same on every rank.
+
     Returns:
         ``{layer: [len(dataset), D] float32 on the CPU}``, rows in dataset order.
 
@@ -98,9 +104,14 @@ def extract_features(
         ParameterError / VitlensError: as :func:`resolve_feature_layers`; an image could not be read (rows must line
             up with ``dataset.labels``).
     """
+    from vitlens import distributed
+
     feature = canonical_feature(feature)
     chosen = resolve_feature_layers(vit, layers, feature)
     layout = vit.layout
+    total = len(dataset)
+    progress = distributed.global_progress(progress, total)  # None on ranks other than 0
+    dataset = distributed.shard(dataset)  # this rank's contiguous block; the whole dataset in a single process
     n = len(dataset)
     parts: dict[int, list[torch.Tensor]] = {layer: [] for layer in chosen}  # [B, D] per batch, in order
 
@@ -134,4 +145,9 @@ def extract_features(
             f"{n - seen} of {n} images of {dataset.spec} could not be read; few-shot probes need every image "
             "of the split (remove the unreadable files)"
         )
-    return {layer: torch.cat(parts[layer]) for layer in chosen}  # [N, D] each
+    if not distributed.is_distributed():
+        return {layer: torch.cat(parts[layer]) for layer in chosen}  # [N, D] each
+    # One gather for all layers: [n_rank, L, D] per rank (a rank that owned no image sends an empty block).
+    local = np.stack([torch.cat(parts[la]).numpy() for la in chosen], axis=1) if n else np.zeros(0, np.float32)
+    rows = distributed.gather_in_order(local, distributed.shard_indices(total))  # [N, L, D], dataset order
+    return {layer: torch.from_numpy(np.ascontiguousarray(rows[:, i])) for i, layer in enumerate(chosen)}

@@ -152,8 +152,16 @@ class FeatureMoments:
         return hsic_from_terms(trace, sum_k[:, None], sum_l[None, :], cross, self.n)
 
 
-def choose_space(rows: int, num_a: int, dim_a: int, num_b: int, dim_b: int, *, same: bool) -> str:
-    """``"gram"`` or ``"features"``, whichever needs fewer multiply-adds for one minibatch of ``rows`` rows.
+# Gram space holds every layer's [rows, rows] float64 kernel of a minibatch at once: ViT-S/16's 12 layers with every
+# patch token of 16 images (3,136 rows) would take 0.9 GiB, where feature space takes a fixed 0.2 GiB.
+GRAM_MAX_BYTES = 256 * 2**20
+
+
+def choose_space(
+    rows: int, num_a: int, dim_a: int, num_b: int, dim_b: int, *, same: bool, max_gram_bytes: int = GRAM_MAX_BYTES
+) -> str:
+    """``"gram"`` or ``"features"``, whichever needs fewer multiply-adds for one minibatch of ``rows`` rows, with
+    Gram space only while its kernels fit ``max_gram_bytes``.
 
     Gram space: the kernels (``rows² · (La·da + Lb·db)``) and the pair traces (``rows² · La·Lb``); feature space:
     ``Xᵀ Y`` of every pair (``rows · La·da · Lb·db``) plus, for two models, each model's own blocks. ``same``: B is
@@ -162,7 +170,8 @@ def choose_space(rows: int, num_a: int, dim_a: int, num_b: int, dim_b: int, *, s
     width_a, width_b = num_a * dim_a, num_b * dim_b
     gram = rows * rows * ((width_a if same else width_a + width_b) + num_a * num_b)
     features = rows * width_a * width_b + (0 if same else rows * (num_a * dim_a**2 + num_b * dim_b**2))
-    return "gram" if gram <= features else "features"
+    kernels = 8 * rows * rows * (num_a if same else num_a + num_b)  # float64 [L, rows, rows]
+    return "gram" if gram <= features and kernels <= max_gram_bytes else "features"
 
 
 class CKAAccumulator:

@@ -9,7 +9,7 @@ from dataclasses import InitVar, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vitlens import defaults
+from vitlens import defaults, distributed
 from vitlens.definitions.rollout import _check_count, open_images, unique_stems
 from vitlens.errors import NotApplicable, ParameterError, VitlensError
 from vitlens.registry import Definition, register
@@ -232,6 +232,9 @@ def explain_for(
     maps: list[np.ndarray] = []
     classes: list[torch.Tensor] = []
     scores: list[torch.Tensor] = []
+    full = dataset
+    progress = distributed.global_progress(progress, len(full))  # None on ranks other than 0
+    dataset = distributed.shard(full)  # this rank's contiguous block; the whole dataset in a single process
     total, seen = len(dataset), 0
     if progress is not None:
         progress(0, total)
@@ -245,10 +248,17 @@ def explain_for(
         if progress is not None:
             progress(int(batch.indices[-1]) + 1, total)
     _require_all(seen, dataset)
+    # Under torchrun every rank's maps, classes and scores, gathered in dataset order to every rank (as rollout's).
+    owned = distributed.shard_indices(len(full))  # [n_rank]; every index in a single process
+    maps_all = distributed.gather_in_order(np.concatenate(maps) if maps else np.zeros(0, np.float32), owned)
+    classes_all = distributed.gather_in_order(torch.cat(classes).numpy() if classes else np.zeros(0, np.int64), owned)
+    scores_all = distributed.gather_in_order(
+        torch.cat(scores).to(torch.float64).numpy() if scores else np.zeros(0), owned
+    )
     return Explanation(
-        maps=np.concatenate(maps),  # [B, H, W]
-        classes=torch.cat(classes).numpy().astype(np.int64),  # [B]
-        scores=torch.cat(scores).to(torch.float64).numpy(),  # [B]
+        maps=maps_all,  # [B, H, W]
+        classes=classes_all.astype(np.int64),  # [B]
+        scores=scores_all.astype(np.float64),  # [B]
         method=method,
         target=target,
         discard_ratio=float(discard_ratio),
@@ -929,6 +939,11 @@ def explain_faithfulness(
     chunk = resolve_batch_size(batch_size, vit.device)
     budget = max(1, default_attention_budget(vit.device) // vit.depth)  # the maps keep every layer for backward
     size = capped_batch_size(vit, chunk, dtype=dtype, budget_bytes=budget)
+    full = dataset
+    progress = distributed.global_progress(progress, len(full))  # None on ranks other than 0
+    dataset = distributed.shard(full)  # this rank's contiguous block; the whole dataset in a single process
+    # the random order is seeded by the image's position in the whole dataset, not in this rank's block
+    first = int(distributed.shard_indices(len(full))[0]) if dataset is not full and len(dataset) else 0
     parts, seen, total = [], 0, len(dataset)
     if progress is not None:
         progress(0, total)
@@ -938,7 +953,7 @@ def explain_faithfulness(
             faithfulness_batch(
                 vit,
                 batch.images.to(dtype),
-                batch.indices,
+                batch.indices + first,
                 methods=methods,
                 target=target,
                 labels=labels,
@@ -953,12 +968,14 @@ def explain_faithfulness(
         if progress is not None:
             progress(int(batch.indices[-1]) + 1, total)
     _require_all(seen, dataset)
+    # Contiguous shards in rank order: the ranks' curves joined in rank order are in dataset order.
+    ranks = [part for part in distributed.gather_objects(concat(parts) if parts else None) if part is not None]
     return FaithfulnessResult(
-        concat(parts),
-        tuple(dataset.names),
+        concat(ranks),
+        tuple(full.names),
         "pred" if class_ is None else str(class_),
         vit.source,
-        dataset.spec,
+        full.spec,
         int_pair(vit.layout.patch_size),
     )
 

@@ -117,10 +117,15 @@ def train(
 
     Raises:
         Interrupted: Ctrl-C; a resumable ``resume.pt`` was written first.
-        VitlensError: bad data (no labels, one class), an architecture that is not a ViT, an unwritable ``out``.
+        VitlensError: bad data (no labels, one class), an architecture that is not a ViT, an unwritable ``out``;
+            a torchrun job (DistributedDataParallel training is not there yet, and N independent copies would
+            each train the whole run and race on ``out``).
     """
+    from vitlens.distributed import is_distributed, torchrun_env
     from vitlens.models.checkpoint import save_checkpoint
 
+    if is_distributed() or torchrun_env() is not None:
+        raise VitlensError("train under torchrun is not supported yet: run it in one process")
     callbacks = callbacks or TrainCallbacks()
     out = ensure_out_dir(out)
     config, state = _resumed_config(config, out) if resume else (config, None)
