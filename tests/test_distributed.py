@@ -385,3 +385,62 @@ def test_explain_ranks_give_the_single_process_maps_and_curves(world, tmp_path):
         with np.load(tmp_path / f"explain{rank}.npz") as got:
             for name, value in want.items():  # per image, gathered in dataset order: bit for bit
                 assert np.array_equal(got[name], value), name
+
+
+REPORT_SECTIONS = ["info", "attention-distance", "tokens", "rollout", "cka"]
+
+
+def _report(out: Path) -> dict:
+    """The report's summary numbers on the demo model and NUM_IMAGES digits (rank 0 writes ``out``)."""
+    from vitlens.models import load_vit
+    from vitlens.report import build_report
+
+    vit = load_vit("demo", device="cpu")
+    result = build_report(
+        vit, sections=REPORT_SECTIONS, out=out, num_images=NUM_IMAGES, rollout_images=3, use_cache=False
+    )
+    assert result.ok, result.failed
+    return {name: s["summary"] for name, s in result.summary["sections"].items()}
+
+
+def _report_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch
+
+    from vitlens.distributed import distributed_context
+
+    torch.set_num_threads(1)
+    _rank_env(rank, world, port)
+    from vitlens import distributed
+
+    with distributed_context(device="cpu"):
+        numbers = _report(Path(out) / "report")
+        numbers["world_size"] = distributed.world_size()  # the sections ran sharded, not each on all images
+    Path(out, f"report{rank}.json").write_text(json.dumps(numbers))
+
+
+@pytest.mark.slow
+def test_report_under_two_ranks_gives_the_single_process_summary(tmp_path):
+    single = json.loads(json.dumps(_report(tmp_path / "single")))
+    codes, _ = _spawn(_report_worker, 2, tmp_path, timeout=180)
+    assert codes == [0, 0]
+    for rank in (0, 1):  # every rank holds the whole report's numbers
+        ranked = json.loads(Path(tmp_path, f"report{rank}.json").read_text())
+        assert ranked.pop("world_size") == 2 and ranked.keys() == single.keys()
+        for name in single:
+            _assert_close_tree(ranked[name], single[name], name)
+    assert (tmp_path / "report" / "index.html").is_file() and (tmp_path / "report" / "summary.json").is_file()
+
+
+def _assert_close_tree(a, b, where: str) -> None:
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_close_tree(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_close_tree(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-9), where
+    else:
+        assert a == b, where
