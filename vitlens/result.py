@@ -157,6 +157,14 @@ def int_pair(values: Any) -> tuple[int, int]:
     return first, second
 
 
+def check_image_index(index: Any, num_images: int) -> None:
+    """Raise a ParameterError naming ``index`` unless it is the position of one of ``num_images`` images (negative
+    from the end), for the per-image results' ``plot(index=...)``."""
+    n = num_images
+    if isinstance(index, bool) or not isinstance(index, int) or not -n <= index < n:
+        raise ParameterError("index", f"index must be an image's position, 0..{n - 1}, not {index!r}")
+
+
 def load_result(folder: str | os.PathLike, analysis: str | None = None) -> Result:
     """Read a saved analysis (``result.save(folder)``, a CLI command's ``--out`` or a report folder) back.
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from vitlens import defaults
-from vitlens.cli.console import out_console, print_json, progress_bar, run_metadata
+from vitlens.cli.console import out_console, progress_bar, run_metadata, save_and_print
 from vitlens.cli.options import (
     BatchSizeOpt,
     DataOpt,
@@ -74,11 +74,15 @@ def attention_distance(
     with progress_bar("attention distance", enabled=not quiet) as progress:
         result = compute(vit, dataset, batch_size=batch_size, renormalize=renormalize, progress=progress)
     meta = run_metadata(started, command="attention-distance", device=str(vit.device), batch_size=batch_size)
-    files = result.save(out, fmt, meta=meta)
-    if json_:
-        print_json({**result.to_dict(), "files": [str(f) for f in files], "meta": meta})
-    elif not quiet:
-        _summarise(result.distance, vit, result.data, out, files)
+    save_and_print(
+        result,
+        out,
+        fmt,
+        meta,
+        json_=json_,
+        quiet=quiet,
+        summarise=lambda files: _summarise(result.distance, vit, result.data, out, files),
+    )
 
 
 def _summarise(result: AttentionDistance, vit: ViT, spec: str, out: Path, files: list[Path]) -> None:

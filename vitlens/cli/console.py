@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import typer
 from rich.console import Console
@@ -18,6 +18,11 @@ from rich.markup import escape
 
 from vitlens.errors import Interrupted, ParameterError, VitlensError
 from vitlens.log import logger
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from vitlens.result import Result
 
 
 def err_console() -> Console:
@@ -177,6 +182,25 @@ def torchrun_job() -> Iterator[None]:
             devnull = stack.enter_context(open(os.devnull, "w"))
             stack.enter_context(contextlib.redirect_stdout(devnull))
         yield
+
+
+def save_and_print(
+    result: Result,
+    out: Path,
+    fmt: str,
+    meta: dict[str, Any],
+    *,
+    json_: bool,
+    quiet: bool,
+    summarise: Callable[[list[Path]], None],
+) -> None:
+    """The end of every analysis command: ``result.save`` its files, then print the result as JSON (``--json``:
+    the payload, the files written and ``meta``) or the command's terminal summary ``summarise(files)``."""
+    files = result.save(out, fmt, meta=meta)
+    if json_:
+        print_json({**result.to_dict(), "files": [str(f) for f in files], "meta": meta})
+    elif not quiet:
+        summarise(files)
 
 
 def run_metadata(started: float, **extra: Any) -> dict[str, Any]:

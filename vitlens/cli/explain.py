@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from vitlens import defaults
-from vitlens.cli.console import err_console, out_console, print_json, progress_bar, run_metadata
+from vitlens.cli.console import err_console, out_console, progress_bar, run_metadata, save_and_print
 from vitlens.cli.options import (
     BatchSizeOpt,
     DataRootOpt,
@@ -196,11 +196,15 @@ def explain(
                 progress=progress,
             )
         meta = run_metadata(started, command="explain --faithfulness", device=str(vit.device), batch_size=batch_size)
-        files = judged.save(out, fmt, meta=meta)
-        if json_:
-            print_json({**judged.to_dict(), "files": [str(f) for f in files], "meta": meta})
-        elif not quiet:
-            _summarise_faithfulness(judged, out, files)
+        save_and_print(
+            judged,
+            out,
+            fmt,
+            meta,
+            json_=json_,
+            quiet=quiet,
+            summarise=lambda files: _summarise_faithfulness(judged, out, files),
+        )
         return
     if target is None and default_target(vit.layout) != "cls" and not quiet:
         err_console().print(
@@ -220,11 +224,9 @@ def explain(
             progress=progress,
         )
     meta = run_metadata(started, command="explain", device=str(vit.device), batch_size=batch_size)
-    files = result.save(out, fmt, meta=meta)
-    if json_:
-        print_json({**result.to_dict(), "files": [str(f) for f in files], "meta": meta})
-    elif not quiet:
-        _summarise(result, out, files)
+    save_and_print(
+        result, out, fmt, meta, json_=json_, quiet=quiet, summarise=lambda files: _summarise(result, out, files)
+    )
 
 
 def _summarise_faithfulness(result: FaithfulnessResult, out: Path, files: list[Path]) -> None:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from vitlens import defaults
-from vitlens.cli.console import out_console, print_json, progress_bar, run_metadata
+from vitlens.cli.console import out_console, progress_bar, run_metadata, save_and_print
 from vitlens.cli.options import (
     DATA_PANEL,
     BatchSizeOpt,
@@ -144,11 +144,9 @@ def features(
             progress=progress,
         )
     meta = run_metadata(started, command="features", device=str(vit.device), batch_size=batch_size)
-    files = result.save(out, fmt, meta=meta)
-    if json_:
-        print_json({**result.to_dict(), "files": [str(f) for f in files], "meta": meta})
-    elif not quiet:
-        _summarise(result, out, files)
+    save_and_print(
+        result, out, fmt, meta, json_=json_, quiet=quiet, summarise=lambda files: _summarise(result, out, files)
+    )
 
 
 def _summarise(result: FeaturesPCAResult, out: Path, files: list[Path]) -> None:

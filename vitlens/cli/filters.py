@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from vitlens.cli.console import out_console, print_json, run_metadata
+from vitlens.cli.console import out_console, run_metadata, save_and_print
 from vitlens.cli.options import (
     OUTPUT_PANEL,
     FormatOpt,
@@ -56,11 +56,15 @@ def filters(
     vit = vit_options.load()
     result = compute(vit, num_components=components)
     meta = run_metadata(started, command="filters", device=str(vit.device))
-    files = result.save(out, fmt, meta=meta)
-    if json_:
-        print_json({**result.to_dict(), "files": [str(f) for f in files], "meta": meta})
-    elif not quiet:
-        _summarise(result.pca, result.to_dict(), out, files)
+    save_and_print(
+        result,
+        out,
+        fmt,
+        meta,
+        json_=json_,
+        quiet=quiet,
+        summarise=lambda files: _summarise(result.pca, result.to_dict(), out, files),
+    )
 
 
 def _summarise(result: FilterPCA, payload: dict[str, Any], out: Path, files: list[Path]) -> None:

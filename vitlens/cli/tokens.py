@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from vitlens import defaults
-from vitlens.cli.console import out_console, print_json, progress_bar, run_metadata
+from vitlens.cli.console import out_console, progress_bar, run_metadata, save_and_print
 from vitlens.cli.options import (
     BatchSizeOpt,
     DataOpt,
@@ -123,11 +123,9 @@ def tokens(
             progress=progress,
         )
     meta = run_metadata(started, command="tokens", device=str(vit.device), batch_size=batch_size)
-    files = result.save(out, fmt, meta=meta)
-    if json_:
-        print_json({**result.to_dict(), "files": [str(f) for f in files], "meta": meta})
-    elif not quiet:
-        _summarise(result, out, files)
+    save_and_print(
+        result, out, fmt, meta, json_=json_, quiet=quiet, summarise=lambda files: _summarise(result, out, files)
+    )
 
 
 def _summarise(result: TokensResult, out: Path, files: list[Path]) -> None:

@@ -13,7 +13,7 @@ from vitlens import defaults, distributed
 from vitlens.definitions.rollout import _check_count, open_images, unique_stems
 from vitlens.errors import NotApplicable, ParameterError, VitlensError
 from vitlens.registry import Definition, register
-from vitlens.result import Result, int_pair
+from vitlens.result import Result, check_image_index, int_pair
 
 if TYPE_CHECKING:
     import numpy as np
@@ -370,9 +370,7 @@ class ExplainResult(Result):
         Raises:
             ParameterError: ``index`` is not the position of one of the images.
         """
-        n = len(self.images)
-        if isinstance(index, bool) or not isinstance(index, int) or not -n <= index < n:
-            raise ParameterError("index", f"index must be an image's position, 0..{n - 1}, not {index!r}")
+        check_image_index(index, len(self.images))
         from vitlens.plotting.explain import plot_explanation
 
         photo = None if self.photos is None else self.photos[index]

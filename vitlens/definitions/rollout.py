@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from vitlens import defaults
 from vitlens.errors import ParameterError, VitlensError
 from vitlens.registry import Definition, register
-from vitlens.result import Result, int_pair
+from vitlens.result import Result, check_image_index, int_pair
 
 if TYPE_CHECKING:
     import numpy as np
@@ -145,9 +145,7 @@ class RolloutResult(Result):
         Raises:
             ParameterError: ``index`` is not the position of one of the images.
         """
-        n = len(self.images)
-        if isinstance(index, bool) or not isinstance(index, int) or not -n <= index < n:
-            raise ParameterError("index", f"index must be an image's position, 0..{n - 1}, not {index!r}")
+        check_image_index(index, len(self.images))
         from vitlens.plotting.rollout import plot_rollout
 
         photo = None if self.photos is None else self.photos[index]
