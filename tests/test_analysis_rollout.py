@@ -263,3 +263,11 @@ def test_row_path_equals_the_running_product(target, row, max_bytes):
     ref = reference_rollout(layers, "mean", 0.3, 0, row)
     np.testing.assert_allclose(kept.result(target=target).maps, ref, atol=1e-12)
     np.testing.assert_allclose(kept.running, product.running, rtol=1e-12)  # the whole matrix on request
+
+
+@pytest.mark.parametrize("max_bytes", [0, 2**30])  # after a fold and with every factor kept
+def test_a_layer_of_another_batch_size_is_refused(max_bytes):
+    acc = RolloutAccumulator(LAYOUT, max_bytes=max_bytes)
+    acc.update(0, random_layers(num_layers=1, b=2)[0])
+    with pytest.raises(VitlensError, match="layer 1 has batch size 3, earlier layers 2: use a new accumulator"):
+        acc.update(1, random_layers(num_layers=1, b=3)[0])

@@ -167,10 +167,9 @@ class LayerProduct:
 
     def push(self, factor: torch.Tensor) -> None:
         """Multiply in the next layer's factor ``[B, N, N]`` (from the left)."""
-        first = self._folded if self._folded is not None else (self._factors[0] if self._factors else None)
-        if first is not None and factor.shape[0] != first.shape[0]:
+        if self.num_layers and factor.shape[0] != self.batch_size:
             raise VitlensError(
-                f"layer {self.num_layers} has batch size {factor.shape[0]}, earlier layers {first.shape[0]}: "
+                f"layer {self.num_layers} has batch size {factor.shape[0]}, earlier layers {self.batch_size}: "
                 "use a new accumulator (or reset()) for each batch"
             )
         self._factors.append(factor)
