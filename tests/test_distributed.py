@@ -355,16 +355,120 @@ def test_fewshot_ranks_give_the_single_process_accuracies(world, single_process_
     assert len(list((tmp_path / "cache").iterdir())) == 2  # pool and test, and no stray temporary file
 
 
-def test_train_refuses_torchrun(tmp_path, monkeypatch):
-    """No DistributedDataParallel yet: under torchrun train stops with one line instead of training N copies."""
-    from vitlens.errors import VitlensError
+TRAIN_BATCH = 10  # the global batch: 5 + 5 on two ranks, 4 + 3 + 3 on three
+
+
+def _train_config(data: Path):
+    from vitlens.train import TrainConfig
+
+    return TrainConfig(
+        data=str(data),
+        arch="vit_tiny_patch16_224",
+        model_kwargs=dict(img_size=16, patch_size=4, in_chans=1, embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0),
+        epochs=3,
+        batch_size=TRAIN_BATCH,
+        lr=3e-3,
+        warmup_epochs=0.5,
+        augment="strong",  # crop, flip (a folder of images is mirrored) and erasing: every draw is sliced per rank
+        device="cpu",
+    )
+
+
+@pytest.fixture(scope="module")
+def train_folder(tmp_path_factory) -> Path:
+    """Three classes of 15 scikit-learn digits as 8x8 PNGs: 36 training images (3 global batches), 9 held out."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    root = tmp_path_factory.mktemp("train_data")
+    for label in range(3):
+        (root / str(label)).mkdir()
+        for i, image in enumerate(digits.images[digits.target == label][:15]):
+            Image.fromarray((image * 15).astype(np.uint8), "L").save(root / str(label) / f"{i:02d}.png")
+    return root
+
+
+def _weights(run: Path) -> dict[str, np.ndarray]:
+    from vitlens.models.checkpoint import read_checkpoint
+
+    return {k: v.numpy() for k, v in read_checkpoint(run / "model.safetensors").state_dict.items()}
+
+
+def _train_worker(rank: int, world: int, port: int, out: str) -> None:
+    """A straight run, and a run stopped after 4 steps then resumed, each rank with its own --out (only rank 0's
+    may be written; the resume is read by rank 0 and sent to the others)."""
+    import torch
+
+    from vitlens.distributed import distributed_context
+    from vitlens.errors import Interrupted
     from vitlens.train import TrainConfig, train
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
-    with pytest.raises(VitlensError, match=r"^train under torchrun is not supported yet: run it in one process$"):
-        train(TrainConfig(epochs=1), tmp_path / "out")
-    assert not (tmp_path / "out").exists()  # refused before anything was written
+    torch.set_num_threads(1)
+    _rank_env(rank, world, port)
+    config = _train_config(Path(out) / "data")
+    with distributed_context(device="cpu"):
+        straight = train(config, Path(out) / f"straight{rank}")
+        with pytest.raises(Interrupted):
+            train(config, Path(out) / f"resumed{rank}", stop_after_steps=4)  # mid-way through epoch 2
+        resumed = train(TrainConfig(epochs=0), Path(out) / f"resumed{rank}", resume=True)
+    Path(out, f"train{rank}.json").write_text(
+        json.dumps([[[h.train_loss, h.test_acc] for h in r.history] for r in (straight, resumed)])
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_ddp_training_gives_the_single_process_weights(world, train_folder, tmp_path):
+    from vitlens.train import train
+
+    shutil.copytree(train_folder, tmp_path / "data")
+    single = train(_train_config(tmp_path / "data"), tmp_path / "single")
+    assert (single.num_train, single.num_test, len(single.history)) == (36, 9, 3)
+    codes, _ = _spawn(_train_worker, world, tmp_path, timeout=150)
+    assert codes == [0] * world
+    want, straight, resumed = (_weights(tmp_path / name) for name in ("single", "straight0", "resumed0"))
+    assert want.keys() == straight.keys() == resumed.keys()
+    for name in want:  # the same global batches and draws: float rounding only (the ranks sum in other orders)
+        np.testing.assert_allclose(straight[name], want[name], rtol=1e-4, atol=1e-5, err_msg=name)
+        assert np.array_equal(resumed[name], straight[name]), name  # exact resume on the same number of ranks
+    assert any(not np.array_equal(straight[n], want[n]) for n in want)  # really another process's run
+    histories = [json.loads(Path(tmp_path, f"train{rank}.json").read_text()) for rank in range(world)]
+    expected = [[h.train_loss, h.test_acc] for h in single.history]
+    for straight_history, resumed_history in histories:  # every rank holds the global epoch numbers
+        np.testing.assert_allclose(straight_history, expected, rtol=1e-5)
+        # the interrupted epoch's loss covers the steps after the resume only; the other epochs are the same
+        assert [resumed_history[i] for i in (0, 2)] == [straight_history[i] for i in (0, 2)]
+        assert [h[1] for h in resumed_history] == [h[1] for h in straight_history]
+    # rank 0 alone wrote its run folders; the others' were never created
+    assert sorted(p.name for p in (tmp_path / "straight0").iterdir()) == [
+        "curves.png",
+        "metrics.csv",
+        "model.safetensors",
+        "resume.pt",
+    ]
+    others = [tmp_path / f"{kind}{rank}" for kind in ("straight", "resumed") for rank in range(1, world)]
+    assert not any(folder.exists() for folder in others)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("vitlens") is None, reason="the vitlens console script is not installed")
+def test_cli_train_under_torchrun(train_folder, tmp_path):
+    """`torchrun vitlens train`: one summary (rank 0's), the global image counts, rank 0's files."""
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+        shutil.which("vitlens"), "train", "--data", str(train_folder), "--img-size", "16", "--patch-size", "4",
+        "--embed-dim", "16", "--depth", "1", "--num-heads", "2", "--model-kwargs", '{"in_chans": 1}',
+        "--epochs", "2", "--batch-size", "10", "--device", "cpu", "--out", str(out), "--json",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VITLENS_DIST_TIMEOUT": "45"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(printed) == 1  # rank 1 is silent
+    assert (printed[0]["num_train"], printed[0]["num_test"], printed[0]["epochs"]) == (36, 9, 2)
+    assert len((out / "metrics.csv").read_text().splitlines()) == 3 and (out / "model.safetensors").is_file()
 
 
 @pytest.mark.slow

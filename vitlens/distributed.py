@@ -263,6 +263,21 @@ def gather_objects(local: Any) -> list[Any]:
     return parts
 
 
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` (any picklable object) on every rank; ``obj`` itself in one process.
+
+    For state that one rank reads and all need, e.g. a resume file that only rank 0's node is sure to see. The other
+    ranks pass anything (None); if rank 0 fails before sending, they fail with :class:`RankFailed`.
+    """
+    dist = _dist()
+    if dist is None or dist.get_world_size() == 1:
+        return obj
+    box = [obj if dist.get_rank() == 0 else None]
+    with _collective("receiving rank 0's state"):
+        dist.broadcast_object_list(box, src=0, device=_comm_device())
+    return box[0]
+
+
 def shard_indices(n: int, *, block: int = 1, rank_: int | None = None, world: int | None = None) -> np.ndarray:
     """The dataset indices rank ``rank_`` (default: this one) owns out of ``n``: a contiguous run.
 

@@ -137,7 +137,7 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             raise fail(_on_rank("interrupted"), Interrupted.exit_code) from None
         except Exception as e:
-            if _torchrun_rank() is None or debug_enabled():  # a single process: a bug keeps its traceback
+            if torchrun_rank() is None or debug_enabled():  # a single process: a bug keeps its traceback
                 raise
             # under torchrun N interleaved tracebacks hide which rank failed: one line each (--debug keeps them)
             raise fail(_on_rank(f"{type(e).__name__}: {e}"), 1) from None
@@ -147,7 +147,7 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _torchrun_rank() -> int | None:
+def torchrun_rank() -> int | None:
     """This process's rank when launched by torchrun with more than one process, else None (env only, no torch)."""
     if os.environ.get("WORLD_SIZE", "1").strip() in ("", "0", "1"):
         return None
@@ -159,7 +159,7 @@ def _torchrun_rank() -> int | None:
 
 def _on_rank(message: str) -> str:
     """``message`` prefixed with ``rank R:`` under torchrun (once), so each rank's error line says whose it is."""
-    rank = _torchrun_rank()
+    rank = torchrun_rank()
     return message if rank is None or message.startswith("rank ") else f"rank {rank}: {message}"
 
 
@@ -167,7 +167,7 @@ def _on_rank(message: str) -> str:
 def torchrun_job() -> Iterator[None]:
     """Under torchrun: join the process group for the command (:func:`vitlens.distributed.distributed_context`),
     and keep ranks other than 0 silent (no stdout, errors only) unless ``--debug``. Nothing at all otherwise."""
-    if _torchrun_rank() is None:
+    if torchrun_rank() is None:
         yield
         return
     import contextlib
@@ -236,7 +236,7 @@ def progress_bar(description: str, *, enabled: bool) -> Iterator[Callable[[int, 
     captured stderr, not before an error line.
     """
     console = err_console()
-    if not enabled or not console.is_terminal or (_torchrun_rank() or 0) != 0:  # torchrun: rank 0 draws
+    if not enabled or not console.is_terminal or (torchrun_rank() or 0) != 0:  # torchrun: rank 0 draws
         yield None
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from vitlens.cli.console import err_console, out_console, print_json, run_metadata
+from vitlens.cli.console import err_console, out_console, print_json, run_metadata, torchrun_rank
 from vitlens.cli.options import (
     DataRootOpt,
     DeviceOpt,
@@ -63,7 +63,10 @@ def train(
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train a ViT on labelled data; writes model.safetensors, metrics.csv and curves.png to --out."""
+    """Train a ViT on labelled data; writes model.safetensors, metrics.csv and curves.png to --out.
+
+    Under torchrun: DistributedDataParallel, --batch-size is the global batch (split across the ranks).
+    """
     from vitlens import train as lib
 
     started = time.perf_counter()
@@ -111,7 +114,7 @@ def train(
         config = lib.TrainConfig(**{**base, **overrides, "model_kwargs": mk, "img_size": size})
         if out is None:
             out = Path("runs") / (preset or config.arch)
-    progress = _Progress(quiet=quiet)
+    progress = _Progress(quiet=quiet or (torchrun_rank() or 0) != 0)  # torchrun: rank 0 reports for all
     callbacks = lib.TrainCallbacks(on_start=progress.start, on_step=progress.step, on_epoch=progress.epoch)
     try:
         result = lib.train(config, out, resume=resume is not None, callbacks=callbacks)

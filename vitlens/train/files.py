@@ -20,8 +20,11 @@ RESUME_FILE = "resume.pt"
 FINAL_FILE = "model.safetensors"
 
 
-def _save_resume(out: Path, model, optimizer, scaler, config: TrainConfig, epoch: int, step: int, history) -> None:
-    """Everything needed to continue exactly: weights, optimiser, scaler, position (epoch, step), history.
+def _save_resume(
+    out: Path, model, optimizer, scaler, config: TrainConfig, epoch: int, step: int, history, world_size: int = 1
+) -> None:
+    """Everything needed to continue exactly: weights, optimiser, scaler, position (epoch, step), history, and the
+    number of ranks that trained (a resume on another number follows the same path up to float rounding).
 
     Random state needs no saving: every step's draws come from generators seeded by (seed, epoch, step).
     The file holds tensors and plain values only, so it is read back with ``weights_only=True``.
@@ -36,6 +39,7 @@ def _save_resume(out: Path, model, optimizer, scaler, config: TrainConfig, epoch
         "config": json.dumps(config.to_json()),
         "history": json.dumps([asdict(h) for h in history]),
         "vitlens_version": __version__,
+        "world_size": world_size,
     }
     if scaler is not None:
         payload["scaler"] = scaler.state_dict()

@@ -43,30 +43,51 @@ def _load_split(config: TrainConfig, preprocess: Preprocess, split: str, device:
 
 
 def _augment(
-    x: torch.Tensor, *, mode: Augment, flip: bool, gen: torch.Generator, translate: float = 0.125
+    x: torch.Tensor,
+    *,
+    mode: Augment,
+    flip: bool,
+    gen: torch.Generator,
+    translate: float = 0.125,
+    part: slice | None = None,
+    batch_size: int | None = None,
 ) -> torch.Tensor:
-    """Random crop with zero padding of ``translate`` x the side (+ flips, + random erasing for 'strong')."""
+    """Random crop with zero padding of ``translate`` x the side (+ flips, + random erasing for 'strong').
+
+    Under DistributedDataParallel ``x`` is one rank's ``part`` of a global batch of ``batch_size`` images: the
+    random draws are made for the whole global batch, in the single process's order, and the rank keeps its rows,
+    so every image gets the crop, flip and erasing it would get in one process.
+    """
     import torch
     import torch.nn.functional as F
 
     if mode == "none":
         return x
     b, _, h, w = x.shape
+    total = b if batch_size is None else batch_size  # the global batch the draws are made for
+    part = slice(0, b) if part is None else part
+
+    def draw(high: int) -> torch.Tensor:  # [b]: this part's rows of the global batch's [total] draws
+        return torch.randint(0, high, (total,), generator=gen)[part]
+
+    def coin(p: float) -> torch.Tensor:
+        return (torch.rand(total, generator=gen) < p)[part].to(x.device)
+
     ph, pw = max(1, round(h * translate)), max(1, round(w * translate))
     padded = F.pad(x, (pw, pw, ph, ph))  # zero = the mean colour after normalisation
-    oy = torch.randint(0, 2 * ph + 1, (b,), generator=gen)
-    ox = torch.randint(0, 2 * pw + 1, (b,), generator=gen)
+    oy = draw(2 * ph + 1)
+    ox = draw(2 * pw + 1)
     rows = (oy[:, None] + torch.arange(h)).to(x.device)  # [B, H]
     cols = (ox[:, None] + torch.arange(w)).to(x.device)  # [B, W]
     bidx = torch.arange(b, device=x.device)[:, None, None]
     x = padded.permute(0, 2, 3, 1)[bidx, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)  # [B, C, H, W]
     if flip:
-        mirror = (torch.rand(b, generator=gen) < 0.5).to(x.device)
+        mirror = coin(0.5)
         x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
     if mode == "strong":  # random erasing (Zhong et al. 2020), as in DeiT, of a quarter-sized box
-        erase = (torch.rand(b, generator=gen) < 0.25).to(x.device)
-        ey = torch.randint(0, h - h // 2 + 1, (b,), generator=gen).to(x.device)
-        ex = torch.randint(0, w - w // 2 + 1, (b,), generator=gen).to(x.device)
+        erase = coin(0.25)
+        ey = draw(h - h // 2 + 1).to(x.device)
+        ex = draw(w - w // 2 + 1).to(x.device)
         yy = torch.arange(h, device=x.device)[None, :, None]
         xx = torch.arange(w, device=x.device)[None, None, :]
         box = (yy >= ey[:, None, None]) & (yy < ey[:, None, None] + h // 2)

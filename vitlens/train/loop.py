@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vitlens import __version__
-from vitlens.errors import Interrupted, VitlensError
+from vitlens.errors import Interrupted, UsageError, VitlensError
 from vitlens.history import EpochStats
 from vitlens.io import ensure_out_dir
+from vitlens.log import logger
 from vitlens.train.config import NO_FLIP_DATA, TrainConfig, _validate
 from vitlens.train.files import FINAL_FILE, _read_resume, _save_resume, _write_curves, _write_metrics
 from vitlens.train.inputs import _augment, _load_split, _probe_classes, _Tensors
@@ -52,7 +53,8 @@ class _Run:
     config: TrainConfig
     out: Path
     device: torch.device
-    model: nn.Module
+    model: nn.Module  # the bare model: its state_dict is what checkpoints hold
+    forward: nn.Module  # what the training step calls: ``model`` itself, or its DistributedDataParallel wrapper
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None  # fp16 loss scaling; None in bf16 and full precision
     autocast_dtype: torch.dtype | None  # None: full precision
@@ -63,6 +65,10 @@ class _Run:
     total_steps: int
     warmup_steps: int
     meta_base: dict[str, Any]  # checkpoint metadata shared by every checkpoint of the run
+    rank: int  # this process's rank under torchrun (0 in one process)
+    world_size: int  # processes training together (1 in one process)
+    part: slice  # this rank's rows of every global batch of ``config.batch_size`` images
+    test_part: slice  # this rank's rows of the held-out split
 
     def lr(self, steps_done: int) -> float:
         """The learning rate after ``steps_done`` optimiser steps."""
@@ -117,15 +123,18 @@ def train(
 
     Raises:
         Interrupted: Ctrl-C; a resumable ``resume.pt`` was written first.
-        VitlensError: bad data (no labels, one class), an architecture that is not a ViT, an unwritable ``out``;
-            a torchrun job (DistributedDataParallel training is not there yet, and N independent copies would
-            each train the whole run and race on ``out``).
+        VitlensError: bad data (no labels, one class), an architecture that is not a ViT, an unwritable ``out``.
+        RankFailed: under torchrun, another rank failed.
+
+    Under torchrun (a process group of N ranks, see :mod:`vitlens.distributed`) the run is one
+    DistributedDataParallel job with the same global batch: every rank holds the data and the same shuffled order,
+    takes its contiguous part of each global batch of ``config.batch_size`` images, and the gradients are averaged
+    so that each step is the single process's step (the loss is each rank's sum over its part divided by the
+    global batch). Rank 0 alone writes checkpoints, ``resume.pt`` and metrics; a resume is read by rank 0 and sent
+    to the others. The weights equal one process's up to float rounding (dropout and drop-path draw per rank).
     """
-    from vitlens.distributed import is_distributed, torchrun_env
     from vitlens.models.checkpoint import save_checkpoint
 
-    if is_distributed() or torchrun_env() is not None:
-        raise VitlensError("train under torchrun is not supported yet: run it in one process")
     callbacks = callbacks or TrainCallbacks()
     out = ensure_out_dir(out)
     config, state = _resumed_config(config, out) if resume else (config, None)
@@ -140,7 +149,12 @@ def train(
     with _stop_on_sigint() as sig:
 
         def stop(steps_done: int) -> bool:
-            return sig["stop"] or (stop_after_steps is not None and steps_done >= stop_after_steps)
+            wanted = sig["stop"] or (stop_after_steps is not None and steps_done >= stop_after_steps)
+            if run.world_size == 1:
+                return wanted
+            from vitlens.distributed import all_reduce_max
+
+            return bool(all_reduce_max(int(wanted)))  # Ctrl-C reaches ranks at different steps: stop together
 
         for epoch in range(start_epoch, config.epochs):
             first = start_step if epoch == start_epoch else 0
@@ -163,8 +177,11 @@ def train(
 
 
 def _resumed_config(config: TrainConfig, out: Path) -> tuple[TrainConfig, dict[str, Any]]:
-    """The saved run's config (``epochs`` may only grow, to extend the run) and its resume state."""
-    state = _read_resume(out)
+    """The saved run's config (``epochs`` may only grow, to extend the run) and its resume state (read by rank 0
+    and sent to the other ranks, whose nodes need not see ``out``)."""
+    from vitlens.distributed import broadcast_object, is_main
+
+    state = broadcast_object(_read_resume(out) if is_main() else None)
     saved = TrainConfig.from_json(json.loads(state["config"]))
     config = replace(saved, epochs=max(config.epochs, saved.epochs) if config.epochs else saved.epochs)
     return config, state
@@ -174,15 +191,31 @@ def _build_run(config: TrainConfig, out: Path) -> _Run:
     """Model, data, optimiser and schedule, built in a fixed order: the seeded model init must not move."""
     import torch
 
+    from vitlens import distributed
     from vitlens.device import resolve_device
 
     device = resolve_device(config.device)
+    rank, world = distributed.rank(), distributed.world_size()
+    if config.batch_size < world:
+        raise UsageError(
+            f"--batch-size is the global batch: at least one image per rank ({world}), not {config.batch_size}"
+        )
 
     # Labels first (cheap) so that one-class data fails before any model is built.
     torch.manual_seed(config.seed)
     probe = _probe_classes(config)
     built = _finetune_model(config, len(probe)) if config.init_from else _scratch_model(config, len(probe))
     model = built.model.to(device)
+    forward = model
+    if world > 1:  # the same seeded init on every rank; DDP also broadcasts rank 0's weights
+        from torch.nn.parallel import DistributedDataParallel
+
+        # find_unused_parameters keeps DDP's first gradient buckets for the whole run (it rebuilds them after the
+        # first step otherwise): a resumed run then sums each gradient over the ranks in the same order as an
+        # uninterrupted one, so the resume is exact; it also tolerates parameters a model does not use.
+        forward = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+        )
     train_set = _load_split(config, built.preprocess, "train", device)
     test_set = _load_split(config, built.preprocess, "test", device)
     flip = config.data.split(":")[0].lower() not in NO_FLIP_DATA
@@ -210,6 +243,7 @@ def _build_run(config: TrainConfig, out: Path) -> _Run:
         out=out,
         device=device,
         model=model,
+        forward=forward,
         optimizer=optimizer,
         scaler=torch.amp.GradScaler("cuda") if autocast_dtype == torch.float16 else None,
         autocast_dtype=autocast_dtype,
@@ -220,7 +254,16 @@ def _build_run(config: TrainConfig, out: Path) -> _Run:
         total_steps=steps_per_epoch * config.epochs,
         warmup_steps=int(config.warmup_epochs * steps_per_epoch),
         meta_base=meta_base,
+        rank=rank,
+        world_size=world,
+        part=_slice(distributed.shard_indices(config.batch_size, rank_=rank, world=world)),
+        test_part=_slice(distributed.shard_indices(len(test_set.labels), rank_=rank, world=world)),
     )
+
+
+def _slice(indices) -> slice:
+    """The contiguous run of ``indices`` (a shard) as a slice."""
+    return slice(int(indices[0]), int(indices[-1]) + 1) if len(indices) else slice(0, 0)
 
 
 def _restore(run: _Run, state: dict[str, Any] | None) -> tuple[int, int, list[EpochStats]]:
@@ -235,6 +278,14 @@ def _restore(run: _Run, state: dict[str, Any] | None) -> tuple[int, int, list[Ep
     history = [EpochStats(**h) for h in json.loads(state["history"])]
     if start_epoch >= run.config.epochs:
         raise VitlensError(f"the run in {run.out} already finished {start_epoch} epochs; raise --epochs to extend it")
+    saved_world = int(state.get("world_size", 1))
+    if saved_world != run.world_size:
+        logger.warning(
+            "resuming on %d rank(s) a run saved on %d: the same global batches, so the weights follow the same "
+            "path up to float rounding, not bit for bit",
+            run.world_size,
+            saved_world,
+        )
     return start_epoch, start_step, history
 
 
@@ -260,21 +311,31 @@ def _run_epoch(
     epoch_started = time.perf_counter()
     n = len(run.train_set.labels)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(_step_seed(config.seed, epoch, -1)))
-    loss_sum, correct, seen = 0.0, 0, 0
+    loss_sum, correct, seen = 0.0, 0, 0  # this rank's part; added across ranks at the end of the epoch
     for step in range(first, run.steps_per_epoch):
         if stop(steps_done):
-            _save_resume(run.out, run.model, run.optimizer, run.scaler, config, epoch, step, history)
+            _save_resume(run.out, run.model, run.optimizer, run.scaler, config, epoch, step, history, run.world_size)
             raise Interrupted(
                 f"interrupted at epoch {epoch + 1} step {step}; resume with: vitlens train --resume {run.out}"
             )
-        loss, logits, y = _train_step(run, epoch, step, order, steps_done)
+        part_loss, logits, y = _train_step(run, epoch, step, order, steps_done)
         steps_done += 1
-        loss_sum += loss.item() * len(y)
+        loss_sum += part_loss
         correct += int((logits.argmax(-1) == y).sum())
         seen += len(y)
-        if on_step:
-            on_step(epoch, step, loss.item())
-    test_acc = evaluate(run.model, run.test_set.images, run.test_set.labels, batch_size=256)
+        if on_step:  # the loss of this rank's part of the batch
+            on_step(epoch, step, part_loss / max(1, len(y)))
+    test = run.test_part
+    test_correct = _count_correct(run.model, run.test_set.images[test], run.test_set.labels[test], batch_size=256)
+    if run.world_size > 1:
+        import numpy as np
+
+        from vitlens.distributed import all_reduce_sum
+
+        loss_sum, correct, seen, test_correct = all_reduce_sum(
+            np.array([loss_sum, correct, seen, test_correct], dtype=np.float64)
+        ).tolist()
+    test_acc = test_correct / max(1, len(run.test_set.labels))
     seconds = time.perf_counter() - epoch_started
     stats = EpochStats(
         epoch=epoch + 1,
@@ -290,26 +351,42 @@ def _run_epoch(
 
 def _train_step(
     run: _Run, epoch: int, step: int, order: torch.Tensor, steps_done: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimiser step on batch ``step`` of ``order``; returns the loss, the logits and the labels.
+) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """One optimiser step on global batch ``step`` of ``order`` (this rank's part of it); returns the summed loss
+    of the part, its logits and its labels.
 
     Every random draw of the step (crop, flip, erasing, dropout, drop-path) comes from seeds of (seed, epoch, step),
-    which is what makes a resumed run give the same weights.
+    which is what makes a resumed run give the same weights. Under DistributedDataParallel the augmentation draws
+    are the global batch's (each rank keeps its rows); dropout draws on rank r use the step's seed plus r.
     """
     import torch
 
     config = run.config
     gen = torch.Generator().manual_seed(_step_seed(config.seed, epoch, step))
-    torch.manual_seed(_step_seed(config.seed, epoch, step))  # dropout / drop-path draws
-    idx = order[step * config.batch_size : (step + 1) * config.batch_size].to(run.device)
-    x = _augment(run.train_set.images[idx], mode=config.augment, flip=run.flip, gen=gen, translate=config.translate)
+    torch.manual_seed(_step_seed(config.seed, epoch, step) + run.rank)  # dropout / drop-path draws
+    batch = order[step * config.batch_size : (step + 1) * config.batch_size]  # the global batch
+    idx = batch[run.part].to(run.device)
+    x = _augment(
+        run.train_set.images[idx],
+        mode=config.augment,
+        flip=run.flip,
+        gen=gen,
+        translate=config.translate,
+        part=run.part,
+        batch_size=len(batch),
+    )
     y = run.train_set.labels[idx]
     lr = run.lr(steps_done)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     with torch.autocast(run.device.type, dtype=run.autocast_dtype, enabled=run.autocast_dtype is not None):
-        logits = run.model(x)
-        loss = torch.nn.functional.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+        logits = run.forward(x)
+        part_sum = torch.nn.functional.cross_entropy(
+            logits.float(), y, label_smoothing=config.label_smoothing, reduction="sum"
+        )
+    # The global batch's mean loss: DDP averages the ranks' gradients (divides by world_size), so each rank's
+    # share is its sum times world_size over the global batch. One process: the plain mean.
+    loss = part_sum * (run.world_size / len(batch))
     if not torch.isfinite(loss):
         raise VitlensError(f"training diverged (loss {loss.item()}) at epoch {epoch + 1}; lower --lr")
     run.optimizer.zero_grad(set_to_none=True)
@@ -323,7 +400,7 @@ def _train_step(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
         run.optimizer.step()
-    return loss, logits, y
+    return part_sum.item(), logits, y
 
 
 def _end_epoch(run: _Run, epoch: int, history: list[EpochStats]) -> None:
@@ -334,13 +411,18 @@ def _end_epoch(run: _Run, epoch: int, history: list[EpochStats]) -> None:
     _write_metrics(out, history)
     meta = {**run.meta_base, "epoch": epoch + 1, "test_acc": history[-1].test_acc}
     if config.save_every and (epoch + 1) % config.save_every == 0 and epoch + 1 < config.epochs:
-        (out / "checkpoints").mkdir(exist_ok=True)
-        save_checkpoint(out / "checkpoints" / f"epoch_{epoch + 1:03d}.safetensors", run.model.state_dict(), meta)
-    _save_resume(out, run.model, run.optimizer, run.scaler, config, epoch + 1, 0, history)
+        folder = ensure_out_dir(out / "checkpoints")  # rank 0 only creates it
+        save_checkpoint(folder / f"epoch_{epoch + 1:03d}.safetensors", run.model.state_dict(), meta)
+    _save_resume(out, run.model, run.optimizer, run.scaler, config, epoch + 1, 0, history, run.world_size)
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 256) -> float:
     """Top-1 accuracy of ``model`` on preprocessed ``images`` (eval mode, no augmentation)."""
+    return _count_correct(model, images, labels, batch_size=batch_size) / max(1, len(labels))
+
+
+def _count_correct(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int) -> int:
+    """How many of ``images`` ``model`` classifies as ``labels`` (eval mode, no augmentation)."""
     import torch
 
     model.eval()
@@ -348,7 +430,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, ba
     with torch.inference_mode():
         for i in range(0, len(labels), batch_size):
             correct += int((model(images[i : i + batch_size]).argmax(-1) == labels[i : i + batch_size]).sum())
-    return correct / max(1, len(labels))
+    return correct
 
 
 def _autocast_dtype(device: torch.device):
