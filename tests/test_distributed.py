@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -548,3 +549,57 @@ def _assert_close_tree(a, b, where: str) -> None:
         assert a == pytest.approx(b, rel=1e-6, abs=1e-9), where
     else:
         assert a == b, where
+
+
+def _nccl_numbers(out: Path) -> dict[str, np.ndarray]:
+    """attention-distance, tokens and rollout on the demo model on CUDA, and a short training run from ``out/data``."""
+    import vitlens
+    from vitlens.attention import rollout_for
+    from vitlens.data import open_dataset
+    from vitlens.models import load_vit
+    from vitlens.models.checkpoint import read_checkpoint
+    from vitlens.train import train
+
+    vit = load_vit("demo", device="cuda")  # cuda:LOCAL_RANK under torchrun
+    data = open_dataset("digits", vit.preprocess, split="test", num_images=NUM_IMAGES)
+    att = vitlens.attention_distance(vit, data, batch_size=4).distance
+    tok = vitlens.tokens(vit, data, batch_size=4, norm_threshold=10.0)
+    roll = rollout_for(vit, data, batch_size=1)
+    run = train(replace(_train_config(out / "data"), device="cuda", epochs=2), out / "gpu-run")
+    weights = read_checkpoint(run.checkpoint).state_dict if run.checkpoint.exists() else {}
+    return {
+        "distance_px": att.distance_px,
+        "histograms": tok.norms.histograms,
+        "rollout": roll.maps,
+        **{f"w.{k}": v.float().numpy() for k, v in weights.items()},
+    }
+
+
+def _nccl_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from vitlens.distributed import distributed_context
+
+    _rank_env(rank, world, port)
+    with distributed_context(device="cuda"):
+        assert dist.get_backend() == "nccl"
+        numbers = _nccl_numbers(Path(out) / f"rank{rank}")
+    np.savez(Path(out) / f"nccl{rank}.npz", **numbers)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not __import__("torch").cuda.is_available() or __import__("torch").cuda.device_count() < 2,
+    reason="needs two CUDA GPUs (NCCL)",
+)
+def test_nccl_ranks_give_the_single_gpu_numbers(train_folder, tmp_path):
+    """Two ranks on two GPUs (NCCL; run by scripts/gpu_check.sh): the single GPU's numbers and training weights."""
+    for rank in ("single", 0, 1):
+        shutil.copytree(train_folder, tmp_path / (f"rank{rank}" if rank != "single" else "single") / "data")
+    want = _nccl_numbers(tmp_path / "single")
+    codes, _ = _spawn(_nccl_worker, 2, tmp_path, timeout=240)
+    assert codes == [0, 0]
+    with np.load(tmp_path / "nccl0.npz") as got:
+        assert set(got.files) == set(want)
+        for name, value in want.items():  # GPU kernels differ with the batch composition: float32 rounding
+            np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-5, err_msg=name)
