@@ -126,7 +126,7 @@ def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         if kwargs.get("quiet"):  # --quiet: errors only, warnings included
             logger.setLevel(logging.ERROR)
         try:
-            with torchrun_job():
+            with torchrun_job(device=str(kwargs.get("device") or "auto")):
                 return func(*args, **kwargs)
         except VitlensError as e:
             if debug_enabled():
@@ -164,9 +164,11 @@ def _on_rank(message: str) -> str:
 
 
 @contextmanager
-def torchrun_job() -> Iterator[None]:
-    """Under torchrun: join the process group for the command (:func:`vitlens.distributed.distributed_context`),
-    and keep ranks other than 0 silent (no stdout, errors only) unless ``--debug``. Nothing at all otherwise."""
+def torchrun_job(*, device: str = "auto") -> Iterator[None]:
+    """Under torchrun: join the process group for the command (:func:`vitlens.distributed.distributed_context`:
+    NCCL when the command's ``--device`` resolves to CUDA, gloo otherwise, so ``--device cpu`` on a GPU node runs
+    on gloo), and keep ranks other than 0 silent (no stdout, errors only) unless ``--debug``. Nothing at all
+    otherwise."""
     if torchrun_rank() is None:
         yield
         return
@@ -174,7 +176,7 @@ def torchrun_job() -> Iterator[None]:
 
     from vitlens.distributed import distributed_context
 
-    with distributed_context() as env, contextlib.ExitStack() as stack:
+    with distributed_context(device=device) as env, contextlib.ExitStack() as stack:
         if env is not None and env.rank != 0 and not debug_enabled():
             level = logger.level
             logger.setLevel(logging.ERROR)
