@@ -200,9 +200,32 @@ def shot_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # The probe
 
 
+class SeedAccuracies:
+    """Mean, spread and chance level of an ``accuracy`` array with one axis of seeds (``seed_axis``): what the
+    ridge probes' and the k-NN probes' results share."""
+
+    accuracy: np.ndarray
+    num_classes: int
+    seed_axis = 2  # [S, L, seeds, ...]
+
+    @property
+    def mean(self) -> np.ndarray:
+        """``accuracy`` averaged over seeds (the seed axis removed)."""
+        return self.accuracy.mean(axis=self.seed_axis)
+
+    @property
+    def std(self) -> np.ndarray:
+        """The standard deviation over seeds (ddof 0, so 0 with one seed)."""
+        return self.accuracy.std(axis=self.seed_axis)
+
+    @property
+    def chance(self) -> float:
+        return 1.0 / self.num_classes
+
+
 @dataclass(frozen=True)
-class FewShotResult:
-    """Test accuracy of ridge probes for every shots count, layer and seed."""
+class FewShotResult(SeedAccuracies):
+    """Test accuracy of ridge probes for every shots count, layer and seed (``mean`` and ``std``: ``[S, L]``)."""
 
     accuracy: np.ndarray  # [S, L, seeds] fraction of test images classified correctly
     shots: tuple[int, ...]  # S shots-per-class values, ascending
@@ -216,20 +239,6 @@ class FewShotResult:
     num_test: int  # test images scored
     short_classes: dict[str, int] = field(default_factory=dict)  # classes with fewer than max(shots) examples
     feature: str = ""  # what the features are (pre-logits, cls, mean-patch), for titles and JSON
-
-    @property
-    def mean(self) -> np.ndarray:
-        """``[S, L]`` accuracy averaged over seeds."""
-        return self.accuracy.mean(axis=-1)
-
-    @property
-    def std(self) -> np.ndarray:
-        """``[S, L]`` standard deviation over seeds (ddof 0, so 0 with one seed)."""
-        return self.accuracy.std(axis=-1)
-
-    @property
-    def chance(self) -> float:
-        return 1.0 / self.num_classes
 
     def to_dict(self) -> dict[str, Any]:
         results = [

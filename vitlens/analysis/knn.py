@@ -18,7 +18,14 @@ import torch.nn.functional as F
 
 from vitlens import defaults
 from vitlens.analysis._common import f64_device
-from vitlens.analysis.fewshot import _as_layers, _check_positive, _labels_numpy, check_shot_pool, shot_indices
+from vitlens.analysis.fewshot import (
+    SeedAccuracies,
+    _as_layers,
+    _check_positive,
+    _labels_numpy,
+    check_shot_pool,
+    shot_indices,
+)
 from vitlens.errors import ParameterError, VitlensError
 
 # Similarities held at once: a chunk of test rows against every seed's shots, [seeds, rows, n] float64 (128 MiB).
@@ -91,8 +98,9 @@ def knn_predict(
 
 
 @dataclass(frozen=True)
-class KnnResult:
-    """Test accuracy of weighted k-NN probes for every shots count, layer, seed and k."""
+class KnnResult(SeedAccuracies):
+    """Test accuracy of weighted k-NN probes for every shots count, layer, seed and k (``mean`` and ``std``:
+    ``[S, L, len(k)]``)."""
 
     accuracy: np.ndarray  # [S, L, seeds, len(k)] fraction of test images classified correctly
     k: tuple[int, ...]  # the numbers of neighbours asked for, ascending
@@ -106,20 +114,6 @@ class KnnResult:
     num_test: int  # test images scored
     short_classes: dict[str, int] = field(default_factory=dict)  # classes with fewer than max(shots) examples
     feature: str = ""  # what the features are (pre-logits, cls, mean-patch)
-
-    @property
-    def mean(self) -> np.ndarray:
-        """``[S, L, len(k)]`` accuracy averaged over seeds."""
-        return self.accuracy.mean(axis=2)
-
-    @property
-    def std(self) -> np.ndarray:
-        """``[S, L, len(k)]`` standard deviation over seeds (ddof 0, so 0 with one seed)."""
-        return self.accuracy.std(axis=2)
-
-    @property
-    def chance(self) -> float:
-        return 1.0 / self.num_classes
 
     def to_dict(self) -> dict[str, Any]:
         """The ``knn`` entry of the JSON: the settings and one result per (shots, layer, k)."""
