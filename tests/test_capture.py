@@ -128,3 +128,31 @@ def test_fused_attention_switch_is_scoped_and_restored_after_an_error():
     with pytest.raises(RuntimeError), vit.hooks(attention=lambda i, a: None, blocks=lambda i, t: None):
         raise RuntimeError("forward failed")
     assert [b.attn.fused_attn for b in model.blocks] == before and _hook_count(model) == 0
+
+
+@pytest.mark.parametrize("outer_grad", [True, False])
+def test_graph_from_records_the_graph_from_one_block_on(outer_grad):
+    """explain last-layer's graph: the blocks before the chosen one keep no graph, the chosen one's input is the
+    leaf, the gradient there equals the gradient of a full-graph forward; the grad mode and hooks are restored."""
+    from vitlens.capture import graph_from
+
+    vit = _wrap(make_vit("reg"))
+    last = vit.depth - 1
+    x = input_for(vit.model)
+    flags: dict[int, bool] = {}
+    seen: list[torch.Tensor] = []
+    with torch.set_grad_enabled(outer_grad):
+        with graph_from(vit, -1), vit.hooks(blocks=lambda i, t: flags.__setitem__(i, t.requires_grad)):
+            mine = vit.blocks()[last].register_forward_pre_hook(lambda m, a: seen.append(a[0]))  # after graph_from's
+            (grad,) = torch.autograd.grad(vit.model(x).sum(), seen[-1])
+        assert torch.is_grad_enabled() is outer_grad
+    assert flags == {i: i == last for i in range(vit.depth)}
+    assert seen[-1].is_leaf
+    assert all(len(block._forward_pre_hooks) == (i == last) for i, block in enumerate(vit.blocks()))  # mine only
+    # the gradient at the last block's input of a forward that records everything
+    seen.clear()
+    with torch.enable_grad():
+        (want,) = torch.autograd.grad(vit.model(x.clone().requires_grad_()).sum(), seen[-1])
+    mine.remove()
+    assert not seen[-1].is_leaf
+    torch.testing.assert_close(grad, want)

@@ -125,6 +125,35 @@ def block_outputs(vit: ViT, layers: Sequence[int], on_block: OnLayer) -> Iterato
 
 
 @contextmanager
+def graph_from(vit: ViT, layer: int) -> Iterator[None]:
+    """Inside the block, one forward pass of ``vit`` records its autograd graph from block ``layer`` on only.
+
+    The blocks before ``layer`` run without autograd; block ``layer``'s input becomes a leaf that requires a gradient
+    (a forward pre-hook detaches it and switches autograd on), so gradients of anything computed afterwards reach
+    back to that block and no further, and the earlier layers keep no activations for a backward pass. For
+    ``explain --method last-layer``, which reads the last layer's attention gradient alone. One forward per
+    ``with``: autograd stays on after the hooked block until the end. The hook is removed and the grad mode of the
+    caller restored on exit, also when the forward raises.
+    """
+    import torch
+
+    index = resolve_layers([layer], vit.depth)[0]
+    previous = torch.is_grad_enabled()
+
+    def start_graph(_module, args):
+        torch.set_grad_enabled(True)
+        return (args[0].detach().requires_grad_(True), *args[1:])  # [B, N, D]: the graph's leaf
+
+    handle = vit.blocks()[index].register_forward_pre_hook(start_graph)
+    torch.set_grad_enabled(False)
+    try:
+        yield
+    finally:
+        handle.remove()
+        torch.set_grad_enabled(previous)
+
+
+@contextmanager
 def hooks(
     vit: ViT,
     *,

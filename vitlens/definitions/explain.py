@@ -170,9 +170,15 @@ def explain_batch(
         else:
             acc.update(layer, attn, None)  # rollout: reduce at once, nothing to differentiate
 
-    grad_mode = torch.enable_grad() if gradient else torch.no_grad()
+    if method == "last-layer":  # the last block's attention gradient alone: no graph of the layers before it
+        from vitlens.capture import graph_from
+
+        grad_mode = graph_from(vit, layers[0])
+    else:
+        grad_mode = torch.enable_grad() if gradient else torch.no_grad()
     with frozen_parameters(vit.model), grad_mode, vit.hooks(attention=on_attention, layers=layers):
-        x = images.detach().requires_grad_(gradient)  # [B, C, H, W]: the only leaf that asks for a gradient
+        # [B, C, H, W]: the only leaf that asks for a gradient (last-layer: the last block's input, graph_from)
+        x = images.detach().requires_grad_(gradient and method != "last-layer")
         if reference is None:
             logits = vit.model(x)  # [B, num_classes]
             classes = class_indices(logits, class_, vit.class_names)  # [B]
