@@ -7,6 +7,7 @@ method ran on every image and that the tables and target verdicts come out of re
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -107,3 +108,50 @@ def test_per_round_ratio_cancels_a_slow_round():
     # Round 2 is slow for both methods alike: its ratio is still 0.5, where best-of-rounds would give 2 / 3.
     speed = {"all_seconds": {"plain-forward": [2.0, 6.0, 2.0], "rollout": [4.0, 12.0, 3.0]}}
     assert runner._per_round(speed, "rollout") == 0.5
+
+
+def test_distributed_scaling_and_equality_arithmetic():
+    from benchmarks import distributed as bench
+
+    # 1x1: 1 image/s after 2 s; 2x1: 2 images/s after 10 s; 1x2: 1.6 images/s after 5 s (hand-computed walls).
+    configs = [bench.Config.parse(c) for c in ("1x1", "2x1", "1x2")]
+    walls = {"1x1": {10: 12.0, 110: 112.0}, "2x1": {10: 15.0, 110: 65.0}, "1x2": {10: 11.25, 110: 73.75}}
+    got = bench.scaling(walls, configs, 10, 110)
+    want = {  # steady images/s, start-up s, speed-up, efficiency per core, end-to-end speed-up
+        "1x1": (1.0, 2.0, 1.0, 1.0, 1.0),
+        "2x1": (2.0, 10.0, 2.0, 1.0, 112.0 / 65.0),
+        "1x2": (1.6, 5.0, 1.6, 0.8, 112.0 / 73.75),
+    }
+    for name, (steady, startup, speedup, efficiency, e2e) in want.items():
+        row = got[name]
+        assert row["steady_images_per_s"] == pytest.approx(steady) and row["startup_s"] == pytest.approx(startup)
+        assert row["speedup"] == pytest.approx(speedup) and row["efficiency"] == pytest.approx(efficiency)
+        assert row["end_to_end_speedup"] == pytest.approx(e2e)
+    # The equality check: 5e-7 relative passes, 2e-6 relative fails, a different image count fails.
+    base = {"num_images": 8, "distance_px": [[100.0, 50.0]], "std_px": [[1.0, 2.0]], "prefix_mass": [[0.1, 0.2]]}
+    close = base | {"distance_px": [[100.0 * (1 + 5e-7), 50.0]]}
+    off = base | {"distance_px": [[100.0, 50.0 * (1 + 2e-6)]]}
+    fewer = base | {"num_images": 7}
+    diff = bench.differences({"1x1": base, "2x1": close, "3x1": off, "4x1": fewer}, "1x1")
+    assert diff["2x1"]["distance_px"]["max_abs"] == pytest.approx(5e-5)
+    assert diff["3x1"]["distance_px"]["max_rel"] == pytest.approx(2e-6)
+    assert bench.equal_within(diff, 1e-6, ["2x1"])
+    assert not bench.equal_within(diff, 1e-6, ["2x1", "3x1"]) and not bench.equal_within(diff, 1e-6, ["4x1"])
+
+
+@pytest.mark.slow
+def test_distributed_benchmark_runs_the_cli_under_torchrun(tmp_path):
+    from benchmarks import distributed as bench
+
+    # 8 images, 2 ranks, batch 2: each rank's batches are the single process's, so even std_px agrees to 1e-6.
+    argv = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--num-images", "8", "--startup-images", "4"]
+    argv += ["--batch-size", "2", "--rounds", "1", "--configs", "1x1,2x1", "--out", str(tmp_path)]
+    report = bench.main(argv)
+    assert report["equal"] and set(report["scaling"]) == {"1x1", "2x1"}
+    for key in bench.COMPARED:
+        assert report["differences"]["2x1"][key]["max_rel"] <= 1e-6, key
+    assert all(len(t) == 1 and t[0] > 0 for by_n in report["wall_s"].values() for t in by_n.values())
+    saved = json.loads((tmp_path / "distributed.json").read_text())
+    assert saved["scaling"]["2x1"]["processes"] == 2 and saved["settings"]["num_images"] == 8
+    md = (tmp_path / "distributed.md").read_text()
+    assert "| 2 × 1 |" in md and ": equal." in md
