@@ -300,6 +300,10 @@ def compare(
     holds the last checkpoint's identity: when a new last checkpoint arrives, every CKA entry is recomputed (and
     only those). Everything is computed into a temporary folder first: an error leaves ``out`` as it was.
 
+    Under torchrun the analyses with data (attention distance, few-shot, CKA) shard their images across the ranks,
+    and every rank returns the single process's table; rank 0 alone reads and writes the cache and the files (the
+    cache decision and each result are sent from rank 0, so the ranks never disagree on what to compute).
+
     Args:
         checkpoints: a ``vitlens train`` run folder, or checkpoint specs (files, folders, timm names) in order.
         analyses: names from :data:`ANALYSES`; None for all (few-shot is left out, with a warning, when ``data``
@@ -401,22 +405,27 @@ def compare(
 def _checkpoint(
     session: _Session, ckpt: Checkpoint, last: Checkpoint, chosen: tuple[str, ...], explicit: bool
 ) -> tuple[tuple[str, ...], dict[str, Result], tuple[str, ...]]:
-    """One checkpoint's results: read from the cache where the key matches, else computed into the staging folder."""
+    """One checkpoint's results: read from the cache where the key matches, else computed into the staging folder.
+
+    Under torchrun rank 0 alone reads the cache (``out`` need exist on its node only) and sends what it found to
+    the others, so every rank skips the same analyses and joins the same sharded computations (a rank that
+    computed alone would wait forever in a collective). After a computation rank 0 saves the result, reads it
+    back and sends that to the others: every rank holds the numbers of the files, as one process does.
+    """
     import gc
 
+    from vitlens import distributed
+    from vitlens.io import write_json
     from vitlens.result import load_result
 
     identity = _identity(session, ckpt.spec)
-    by_analysis: dict[str, Result] = {}
-    missing = []
-    for analysis in chosen:
-        key = _key(session, ckpt.spec, identity, analysis, last)
-        folder = _entry(session.out, identity, analysis)
-        cached = _read_entry(folder, analysis, key)
-        if cached is not None:
-            by_analysis[analysis] = cached
-        else:
-            missing.append((analysis, key))
+    keys = {analysis: _key(session, ckpt.spec, identity, analysis, last) for analysis in chosen}
+    found = None
+    if distributed.is_main():
+        found = {a: _read_entry(_entry(session.out, identity, a), a, keys[a]) for a in chosen}
+    found = distributed.broadcast_object(found)  # rank 0's hits, on every rank
+    by_analysis: dict[str, Result] = {a: r for a, r in found.items() if r is not None}
+    missing = [(a, keys[a]) for a in chosen if found[a] is None]
     if not missing:
         return chosen, by_analysis, ()
     vit = _load(session, ckpt.spec)
@@ -427,13 +436,14 @@ def _checkpoint(
         chosen = tuple(a for a in chosen if a != "fewshot")
         missing = [(a, k) for a, k in missing if a != "fewshot"]
     for analysis, key in missing:
-        result = _compute(session, analysis, vit, ckpt, last)
-        folder = _entry(session.staging, identity, analysis)
-        result.save(folder)
-        from vitlens.io import write_json
-
-        write_json(folder / KEY_FILE, key)
-        by_analysis[analysis] = load_result(folder, analysis)  # what a later run reads back: one code path
+        result = _compute(session, analysis, vit, ckpt, last)  # sharded under torchrun: every rank takes part
+        back = None
+        if distributed.is_main():
+            folder = _entry(session.staging, identity, analysis)
+            result.save(folder)
+            write_json(folder / KEY_FILE, key)
+            back = load_result(folder, analysis)  # what a later run reads back: one code path
+        by_analysis[analysis] = distributed.broadcast_object(back)
     if vit is not session.reference:
         del vit
         gc.collect()

@@ -3,7 +3,10 @@
 
 The PCA is fitted jointly over the patch tokens of every image, so one colour means one direction in feature space
 in all of them. It is fitted from streamed moments (mean and scatter matrix, float64, combined batch by batch), so
-memory is ``D x D`` whatever the number of images; a few passes over the tokens replace keeping them all.
+memory is ``D x D`` whatever the number of images; a few passes over the tokens replace keeping them all. Under
+torch.distributed each rank can stream its own shard of the images: the moments are then combined across ranks
+exactly (:meth:`PatchMoments.all_reduce`) and the per-image maps gathered in dataset order, so that every rank
+returns the PCA of the whole set.
 """
 
 from __future__ import annotations
@@ -79,6 +82,35 @@ class PatchMoments:
         )
         self.mean = self.mean + delta * (n / total)
         self.count = total
+
+    def all_reduce(self) -> None:
+        """Combine the moments of every rank of a torch.distributed job, in place (a no-op in a single process).
+
+        The parallel form of the pairwise update: the counts (int64) and the row sums ``n_r mean_r`` (float64) are
+        added first, which gives the global mean; each rank then adds its scatter about that mean,
+        ``scatter_r + n_r (mean_r - mean)(mean_r - mean)^T``, and those are added. Nothing is a mean of per-rank
+        means (which would weigh uneven shards wrongly), and no ``E[x x^T] - mean mean^T`` cancellation appears.
+        A rank that saw no rows takes part with zeros. Every rank ends with the moments of all rows.
+        """
+        from vitlens.distributed import all_reduce_max, all_reduce_sum, is_distributed
+
+        if not is_distributed():
+            return
+        dim = all_reduce_max(0 if self.mean is None else int(self.mean.shape[0]))  # an empty rank learns D
+        if dim == 0:  # no rows on any rank
+            return
+        device = torch.device("cpu") if self.mean is None else self.mean.device
+        mean_r = torch.zeros(dim, dtype=torch.float64, device=device) if self.mean is None else self.mean  # [D]
+        scatter_r = (
+            torch.zeros(dim, dim, dtype=torch.float64, device=device) if self.scatter is None else self.scatter
+        )  # [D, D]
+        count = all_reduce_sum(self.count)
+        if count == 0:
+            return
+        mean = all_reduce_sum(mean_r * self.count) / count  # [D]
+        delta = mean_r - mean  # [D]
+        self.scatter = all_reduce_sum(scatter_r + torch.outer(delta, delta) * self.count)  # [D, D]
+        self.mean, self.count = mean, count
 
 
 @dataclass(frozen=True)
@@ -178,6 +210,7 @@ def features_pca_batches(
     grid_size: tuple[int, int],
     num_components: int = 3,
     foreground: Foreground = "auto",
+    image_indices: np.ndarray | None = None,
 ) -> FeaturesPCA:
     """Joint PCA of the patch tokens of a set of images, streamed: memory ``D x D`` plus a few numbers per patch.
 
@@ -199,6 +232,12 @@ def features_pca_batches(
         grid_size: ``(H, W)``.
         num_components: components kept, 1 .. D.
         foreground: ``"auto"``, ``"none"`` or a threshold on the oriented first component.
+        image_indices: ``[n_rank]``, only when the images are sharded across the ranks of a torch.distributed job:
+            the dataset indices of the images ``batches`` yields on this rank, in that order
+            (:func:`vitlens.distributed.shard_indices`). Each pass's moments and border counts are then combined
+            across ranks, and the per-image maps gathered in dataset order, so every rank returns the PCA of the
+            whole set (to float64 rounding: the moments are summed in another order). None: the batches are the
+            whole set, and no collective runs even inside a process group.
 
     Raises:
         ParameterError: ``num_components`` or ``foreground`` out of range.
@@ -217,10 +256,29 @@ def features_pca_batches(
             raise VitlensError("the patch tokens hold NaN/inf values: their PCA is undefined")
         return rearrange(x, "b n d -> (b n) d")
 
+    sharded = image_indices is not None
+
+    def combined(moments: PatchMoments) -> PatchMoments:
+        if sharded:
+            moments.all_reduce()
+        return moments
+
+    def per_image(parts: list[torch.Tensor], tail: tuple[int, ...]) -> torch.Tensor:
+        """This rank's per-patch rows ``[n_rank*H*W, *tail]``, then (sharded) every rank's in dataset order."""
+        local = torch.cat(parts) if parts else torch.zeros(0, *tail, dtype=torch.float64)
+        if not sharded:
+            return local
+        from vitlens.distributed import gather_in_order
+
+        by_image = rearrange(local, "(b n) ... -> b n ...", n=hw).numpy()  # [n_rank, H*W, *tail]
+        everyone = gather_in_order(by_image, image_indices)  # [B, H*W, *tail]
+        return torch.from_numpy(everyone).reshape(-1, *tail)  # [B*H*W, *tail]
+
     # Pass 1: moments of every patch token.
     everything = PatchMoments()
     for x in batches():
         everything.update(rows(x))
+    combined(everything)
     dim = 0 if everything.mean is None else int(everything.mean.shape[0])
     if dim and k > dim:
         raise ParameterError("num_components", f"num_components must be at most {dim} (the token width), not {k}")
@@ -247,9 +305,15 @@ def features_pca_batches(
             above.update(flat[(s > threshold).to(flat.device)])
             below.update(flat[(s < -threshold).to(flat.device)])
             parts.append(s.cpu())
+        if sharded:  # counts over every rank's images, so every rank picks the same side
+            from vitlens.distributed import all_reduce_sum
+
+            border_pos, border_neg = (int(v) for v in all_reduce_sum(np.array([border_pos, border_neg])))
+            combined(above)
+            combined(below)
         sign = -1.0 if border_neg < border_pos else 1.0  # the side with fewer border patches becomes positive
         fit = below if sign < 0 else above
-        scores_1 = torch.cat(parts) * sign  # [B*H*W]
+        scores_1 = per_image(parts, ()) * sign  # [B*H*W]
         mask = scores_1 > threshold
         if fit.count < 2:
             raise VitlensError(
@@ -260,7 +324,7 @@ def features_pca_batches(
 
     final = principal_components(fit, k)
     # Last pass: every patch's scores on the final components.
-    scores = torch.cat([final.project(rows(x)).cpu() for x in batches()])  # [B*H*W, K]
+    scores = per_image([final.project(rows(x)).cpu() for x in batches()], (k,))  # [B*H*W, K]
     rgb = _rgb(scores, mask)  # [B*H*W, 3]
 
     def grid(t: torch.Tensor, pattern: str) -> np.ndarray:

@@ -30,6 +30,7 @@ from vitlens.cli.options import (
     StdOpt,
     check_num_images,
 )
+from vitlens.distributed import is_main
 from vitlens.errors import UsageError
 
 if TYPE_CHECKING:
@@ -138,7 +139,7 @@ def compare(
     }
     progress = None
     console = err_console()
-    if not quiet and console.is_terminal:
+    if not quiet and console.is_terminal and is_main():  # torchrun: rank 0 draws
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         progress = Progress(

@@ -8,7 +8,7 @@ from dataclasses import InitVar, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vitlens import defaults
+from vitlens import defaults, distributed
 from vitlens.errors import ParameterError, VitlensError
 from vitlens.registry import Definition, register
 from vitlens.result import Result, check_image_index, int_pair
@@ -244,7 +244,9 @@ def features_pca(
     foreground patches only; a number is used as that threshold instead of 0; ``"none"`` fits on all patches
     (:func:`vitlens.analysis.features_pca.features_pca_batches`). The PCA is fitted from float64 moments accumulated
     batch by batch, so memory does not grow with the number of images (each pass runs the images through the model
-    again: two passes with ``none``, three otherwise).
+    again: two passes with ``none``, three otherwise). Under torchrun each rank runs its shard of the images, the
+    moments are combined across ranks and the maps gathered in dataset order: every rank returns the single
+    process's result (to float64 rounding).
 
     Args:
         vit: the model (:func:`vitlens.load`).
@@ -278,22 +280,34 @@ def features_pca(
     photos = tuple(dataset.load_pil(i) for i in range(len(dataset)))  # one-line error for a file that is no image
     n, passes = len(dataset), 2 if foreground == "none" else 3
     size = resolve_batch_size(batch_size, vit.device)
+    # Under torchrun each rank streams its contiguous block of the images in every pass; the analysis combines the
+    # moments across ranks and gathers the maps in dataset order (the whole set and no collective in one process).
+    local = distributed.shard(dataset)
+    owned = distributed.shard_indices(n) if local is not dataset else None  # [n_rank]
     calls = 0
 
     def batches() -> Iterator[torch.Tensor]:
         nonlocal calls
         offset, seen = calls * n, 0
         calls += 1
-        for tokens in patch_token_batches(vit, dataset, layer=layer, batch_size=size):
+        report = progress
+        if owned is not None:  # rank 0 draws the whole set's count; the other ranks stay silent
+            report = distributed.global_progress(progress, n, offset=offset, grand_total=passes * n)
+            offset = 0
+        for tokens in patch_token_batches(vit, local, layer=layer, batch_size=size):
             seen += tokens.shape[0]
-            if progress is not None:
-                progress(offset + seen, passes * n)
+            if report is not None:
+                report(offset + seen, passes * n)
             yield tokens
-        if seen != n:  # a skipped image would shift every later map against its name
-            raise VitlensError(f"{n - seen} of {n} images could not be read; remove the unreadable files")
+        if seen != len(local):  # a skipped image would shift every later map against its name
+            raise VitlensError(f"{len(local) - seen} of {n} images could not be read; remove the unreadable files")
 
     pca = features_pca_batches(
-        batches, grid_size=vit.layout.grid_size, num_components=num_components, foreground=foreground
+        batches,
+        grid_size=vit.layout.grid_size,
+        num_components=num_components,
+        foreground=foreground,
+        image_indices=owned,
     )
     return FeaturesPCAResult(
         pca,

@@ -296,13 +296,16 @@ def token_image_maps_for(
     vit: ViT, dataset: ImageDataset, *, layer: int, threshold: float, batch_size: int | None = None
 ) -> TokenImageMaps:
     """Per-image token-norm maps and query attention of block ``layer`` (one hooked forward per batch), stacked in
-    dataset order; for the few images a user names, so all their ``[B, H, W]`` maps are kept."""
+    dataset order; for the few images a user names, so all their ``[B, H, W]`` maps are kept. Under torchrun each
+    rank runs its contiguous block of the images and the maps are gathered in dataset order to every rank (the
+    threshold is already the whole dataset's), so every rank returns the single process's maps."""
     import dataclasses
 
     import numpy as np
     import torch
 
-    from vitlens.analysis.tokens import token_image_maps
+    from vitlens import distributed
+    from vitlens.analysis.tokens import TokenImageMaps, token_image_maps
     from vitlens.attention import capped_batch_size
     from vitlens.data import iterate_batches
     from vitlens.device import resolve_batch_size
@@ -319,15 +322,21 @@ def token_image_maps_for(
         maps = token_image_maps(tokens, captured.pop("attn"), vit.layout, threshold=threshold, layer=layer)
         parts.append(maps)
 
+    local = distributed.shard(dataset)  # the whole dataset in a single process
     with torch.inference_mode(), vit.hooks(attention=keep_attention, blocks=on_block, layers=[layer]):
-        for batch in iterate_batches(dataset, batch_size=batch_size, device=vit.device):
+        for batch in iterate_batches(local, batch_size=batch_size, device=vit.device):
             vit.features(batch.images.to(dtype))
-    arrays = {
-        f.name: np.concatenate([getattr(p, f.name) for p in parts])
-        for f in dataclasses.fields(parts[0])
-        if isinstance(getattr(parts[0], f.name), np.ndarray)
-    }
-    return dataclasses.replace(parts[0], **arrays)
+    sharded = local is not dataset
+    owned = distributed.shard_indices(len(dataset)) if sharded else None  # [n_rank]
+    arrays: dict[str, np.ndarray] = {}
+    for f in dataclasses.fields(TokenImageMaps):
+        if f.name in ("layer", "query"):
+            continue
+        mine = np.concatenate([getattr(p, f.name) for p in parts]) if parts else np.zeros(0)  # [n_rank, H, W]
+        arrays[f.name] = distributed.gather_in_order(mine, owned) if sharded else mine  # [B, H, W]
+    # A rank that owned no image has no part to read the query from: name it as token_image_maps does.
+    query = parts[0].query if parts else ("cls" if vit.layout.has_class_token else "mean-patch")
+    return TokenImageMaps(layer=int(layer), query=query, **arrays)
 
 
 def vit_layers(vit: ViT, layers: Sequence[int] | None) -> list[int]:
@@ -378,7 +387,8 @@ def tokens(
         images: also show these images one by one (files, a folder, a data spec or a dataset, as
             :func:`vitlens.rollout` takes them): in block ``image_layer``, each patch token's norm (outliers by the
             threshold found over ``data``) and the query's attention with and without the outlier keys
-            (:func:`~vitlens.analysis.tokens.token_image_maps`). None for none.
+            (:func:`~vitlens.analysis.tokens.token_image_maps`). None for none. Under torchrun, like ``data``, they
+            are sharded across the ranks and their maps gathered in dataset order to every rank.
         image_layer: the block of the per-image maps, 0-based (negative from the end); default the last.
         batch_size: images per forward pass; None for the device's default.
         progress: called as ``progress(done, total)``; with ``auto`` ``total`` counts both passes.
