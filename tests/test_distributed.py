@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,6 +39,32 @@ def _rank_env(rank: int, world: int, port: int) -> None:
         MASTER_PORT=str(port),
         VITLENS_DIST_TIMEOUT="45",
     )
+
+
+@contextmanager
+def _in_group(rank: int, world: int, port: int) -> Iterator[None]:
+    """Inside a spawned rank: one torch thread, the torchrun variables, and the gloo process group."""
+    import torch
+
+    from vitlens.distributed import distributed_context
+
+    torch.set_num_threads(1)
+    _rank_env(rank, world, port)
+    with distributed_context(device="cpu"):
+        yield
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """The single-process reference with one torch thread, as each rank has."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _analyses(out: Path | None) -> dict[str, np.ndarray]:
@@ -79,13 +107,9 @@ def _analyses(out: Path | None) -> dict[str, np.ndarray]:
 
 
 def _numbers_worker(rank: int, world: int, port: int, out: str) -> None:
-    import torch
+    from vitlens.distributed import world_size
 
-    from vitlens.distributed import distributed_context, world_size
-
-    torch.set_num_threads(1)
-    _rank_env(rank, world, port)
-    with distributed_context(device="cpu"):
+    with _in_group(rank, world, port):
         assert world_size() == world
         numbers = _analyses(Path(out) / f"files{rank}")
     np.savez(Path(out) / f"rank{rank}.npz", **numbers)
@@ -137,13 +161,7 @@ def _fewshot(cache_dir: Path) -> dict[str, np.ndarray]:
 
 
 def _fewshot_worker(rank: int, world: int, port: int, out: str) -> None:
-    import torch
-
-    from vitlens.distributed import distributed_context
-
-    torch.set_num_threads(1)
-    _rank_env(rank, world, port)
-    with distributed_context(device="cpu"):
+    with _in_group(rank, world, port):
         numbers = _fewshot(Path(out) / "cache")
     np.savez(Path(out) / f"fewshot{rank}.npz", **numbers)
 
@@ -174,13 +192,7 @@ def _explain() -> dict[str, np.ndarray]:
 
 
 def _explain_worker(rank: int, world: int, port: int, out: str) -> None:
-    import torch
-
-    from vitlens.distributed import distributed_context
-
-    torch.set_num_threads(1)
-    _rank_env(rank, world, port)
-    with distributed_context(device="cpu"):
+    with _in_group(rank, world, port):
         numbers = _explain()
     np.savez(Path(out) / f"explain{rank}.npz", **numbers)
 
@@ -246,14 +258,8 @@ def test_torchrun_env():
 
 @pytest.fixture(scope="module")
 def single_process():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         return _analyses(None)
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
@@ -325,14 +331,8 @@ def test_cli_under_torchrun(tmp_path):
 
 @pytest.fixture(scope="module")
 def single_process_fewshot(tmp_path_factory):
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         return _fewshot(tmp_path_factory.mktemp("cache"))
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.slow
@@ -399,16 +399,11 @@ def _weights(run: Path) -> dict[str, np.ndarray]:
 def _train_worker(rank: int, world: int, port: int, out: str) -> None:
     """A straight run, and a run stopped after 4 steps then resumed, each rank with its own --out (only rank 0's
     may be written; the resume is read by rank 0 and sent to the others)."""
-    import torch
-
-    from vitlens.distributed import distributed_context
     from vitlens.errors import Interrupted
     from vitlens.train import TrainConfig, train
 
-    torch.set_num_threads(1)
-    _rank_env(rank, world, port)
     config = _train_config(Path(out) / "data")
-    with distributed_context(device="cpu"):
+    with _in_group(rank, world, port):
         straight = train(config, Path(out) / f"straight{rank}")
         with pytest.raises(Interrupted):
             train(config, Path(out) / f"resumed{rank}", stop_after_steps=4)  # mid-way through epoch 2
@@ -475,14 +470,8 @@ def test_cli_train_under_torchrun(train_folder, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_explain_ranks_give_the_single_process_maps_and_curves(world, tmp_path):
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         want = _explain()
-    finally:
-        torch.set_num_threads(threads)
     assert want["maps"].shape[0] == EXPLAIN_IMAGES == want["probabilities"].shape[2]
     codes, _ = _spawn(_explain_worker, world, tmp_path)
     assert codes == [0] * world
@@ -509,15 +498,9 @@ def _report(out: Path) -> dict:
 
 
 def _report_worker(rank: int, world: int, port: int, out: str) -> None:
-    import torch
-
-    from vitlens.distributed import distributed_context
-
-    torch.set_num_threads(1)
-    _rank_env(rank, world, port)
     from vitlens import distributed
 
-    with distributed_context(device="cpu"):
+    with _in_group(rank, world, port):
         numbers = _report(Path(out) / "report")
         numbers["world_size"] = distributed.world_size()  # the sections ran sharded, not each on all images
     Path(out, f"report{rank}.json").write_text(json.dumps(numbers))

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_distributed import _assert_close_tree, _rank_env, _spawn
+from tests.test_distributed import _assert_close_tree, _in_group, _one_thread, _spawn
 from vitlens.distributed import shard_indices
 
 NUM_IMAGES = 7  # divisible by neither 2 nor 3
@@ -75,13 +75,9 @@ def _per_image(out: Path | None) -> dict[str, np.ndarray]:
 
 
 def _per_image_worker(rank: int, world: int, port: int, out: str) -> None:
-    import torch
+    from vitlens.distributed import world_size
 
-    from vitlens.distributed import distributed_context, world_size
-
-    torch.set_num_threads(1)
-    _rank_env(rank, world, port)
-    with distributed_context(device="cpu"):
+    with _in_group(rank, world, port):
         assert world_size() == world
         numbers = _per_image(Path(out) / f"files{rank}")
     np.savez(Path(out) / f"rank{rank}.npz", **numbers)
@@ -89,14 +85,8 @@ def _per_image_worker(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def single_process():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         return _per_image(None)
-    finally:
-        torch.set_num_threads(threads)
 
 
 EXACT = ("tokens_norms", "tokens_outliers", "tokens_attention", "tokens_attention_without_outliers", "tokens_query")
@@ -164,14 +154,9 @@ def _compare(run: Path, out: Path) -> dict:
 
 
 def _compare_worker(rank: int, world: int, port: int, out: str) -> None:
-    import torch
-
     from vitlens import distributed
-    from vitlens.distributed import distributed_context
 
-    torch.set_num_threads(1)
-    _rank_env(rank, world, port)
-    with distributed_context(device="cpu"):
+    with _in_group(rank, world, port):
         shards = []
         original = distributed.shard
 
@@ -189,17 +174,12 @@ def _compare_worker(rank: int, world: int, port: int, out: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_compare_gives_the_single_process_table_and_rank_0_alone_keeps_the_cache(world, tmp_path):
-    import torch
 
     from tests.test_compare import make_run
 
     make_run(tmp_path / "run", (1,), final=2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         want = json.loads(json.dumps(_compare(tmp_path / "run", tmp_path / "single")))
-    finally:
-        torch.set_num_threads(threads)
     everything = ["pos-sim", "attention-distance", "fewshot", "cka"]
     assert want["computed"] == [{"epoch 1": everything, "epoch 2": everything}, {"epoch 1": [], "epoch 2": []}]
     codes, _ = _spawn(_compare_worker, world, tmp_path, timeout=150)
