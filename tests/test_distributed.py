@@ -447,6 +447,48 @@ def test_ddp_training_gives_the_single_process_weights(world, train_folder, tmp_
     assert not any(folder.exists() for folder in others)
 
 
+def _failing_train_worker(rank: int, world: int, port: int, out: str) -> None:
+    """DDP training in which rank 1's model raises inside its third forward (step 3 of epoch 1), while rank 0 is
+    in the gradient all-reduce of that step waiting for it."""
+    import vitlens.train.loop as loop
+    from vitlens.train import train
+
+    build = loop._scratch_model
+
+    def failing_model(config, num_classes):
+        built = build(config, num_classes)
+        calls = []
+
+        def third_forward_fails(module, args):
+            calls.append(1)
+            if rank == 1 and len(calls) == 3:
+                raise RuntimeError("rank 1's own bug")
+
+        built.model.register_forward_pre_hook(third_forward_fails)
+        return built
+
+    loop._scratch_model = failing_model
+    try:
+        with _in_group(rank, world, port):
+            train(_train_config(Path(out) / "data"), Path(out) / f"run{rank}")
+    except Exception as e:
+        Path(out, f"error{rank}.txt").write_text(f"{type(e).__name__}|{e}")
+        sys.exit(1)
+
+
+@pytest.mark.slow
+def test_a_failing_rank_ends_ddp_training(train_folder, tmp_path):
+    shutil.copytree(train_folder, tmp_path / "data")
+    codes, elapsed = _spawn(_failing_train_worker, 2, tmp_path, timeout=60)
+    assert codes == [1, 1] and elapsed < 60, (codes, elapsed)
+    errors = [(tmp_path / f"error{rank}.txt").read_text().split("|", 1) for rank in range(2)]
+    assert errors[1] == ["RuntimeError", "rank 1's own bug"]  # a rank's own error passes unchanged
+    kind, line = errors[0]  # the peer blocked in the all-reduce inside backward: one line naming its rank
+    assert kind == "RankFailed" and line.startswith("rank 0: the gradient all-reduce failed; another rank failed first")
+    assert "\n" not in line
+    assert not (tmp_path / "run0" / "model.safetensors").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("vitlens") is None, reason="the vitlens console script is not installed")
 def test_cli_train_under_torchrun(train_folder, tmp_path):

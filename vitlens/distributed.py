@@ -179,6 +179,25 @@ def _collective(what: str) -> Iterator[None]:
         ) from e
 
 
+_LOST_PEER = re.compile(r"closed by peer|reset by peer|broken pipe|communicator was aborted|timed out", re.I)
+
+
+@contextmanager
+def lost_peer(what: str) -> Iterator[None]:
+    """Like the collectives' own guard, for work that only *contains* collectives (a DistributedDataParallel
+    step's gradient all-reduce runs inside ``backward``): a connection error there becomes :class:`RankFailed`
+    naming this rank; any other error (a shape mismatch, out of memory) is this rank's own and passes unchanged.
+    """
+    try:
+        yield
+    except (RuntimeError, OSError) as e:
+        dist = _dist()
+        if not (dist is not None and (isinstance(e, getattr(dist, "DistError", ())) or _LOST_PEER.search(str(e)))):
+            raise
+        with _collective(what):
+            raise
+
+
 def _comm_device() -> torch.device:
     import torch
 

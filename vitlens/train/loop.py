@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vitlens import __version__
+from vitlens.distributed import lost_peer
 from vitlens.errors import Interrupted, UsageError, VitlensError
 from vitlens.history import EpochStats
 from vitlens.io import ensure_out_dir
@@ -318,7 +319,8 @@ def _run_epoch(
             raise Interrupted(
                 f"interrupted at epoch {epoch + 1} step {step}; resume with: vitlens train --resume {run.out}"
             )
-        part_loss, logits, y = _train_step(run, epoch, step, order, steps_done)
+        with lost_peer("the gradient all-reduce"):  # a peer that died mid-step: one RankFailed line, not gloo's
+            part_loss, logits, y = _train_step(run, epoch, step, order, steps_done)
         steps_done += 1
         loss_sum += part_loss
         correct += int((logits.argmax(-1) == y).sum())
