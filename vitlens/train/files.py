@@ -21,10 +21,20 @@ FINAL_FILE = "model.safetensors"
 
 
 def _save_resume(
-    out: Path, model, optimizer, scaler, config: TrainConfig, epoch: int, step: int, history, world_size: int = 1
+    out: Path,
+    model,
+    optimizer,
+    scaler,
+    config: TrainConfig,
+    epoch: int,
+    step: int,
+    history,
+    world_size: int = 1,
+    epoch_sums: list[float] | None = None,
 ) -> None:
-    """Everything needed to continue exactly: weights, optimiser, scaler, position (epoch, step), history, and the
-    number of ranks that trained (a resume on another number follows the same path up to float rounding).
+    """Everything needed to continue exactly: weights, optimiser, scaler, position (epoch, step), history, the
+    number of ranks that trained (a resume on another number follows the same path up to float rounding), and
+    mid-epoch the epoch's sums so far (loss, correct, seen, seconds), so that its metrics cover the whole epoch.
 
     Random state needs no saving: every step's draws come from generators seeded by (seed, epoch, step).
     The file holds tensors and plain values only, so it is read back with ``weights_only=True``.
@@ -40,6 +50,7 @@ def _save_resume(
         "history": json.dumps([asdict(h) for h in history]),
         "vitlens_version": __version__,
         "world_size": world_size,
+        "epoch_sums": [float(v) for v in epoch_sums or (0, 0, 0, 0)],
     }
     if scaler is not None:
         payload["scaler"] = scaler.state_dict()

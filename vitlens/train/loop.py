@@ -142,6 +142,7 @@ def train(
     _validate(config)
     run = _build_run(config, out)
     start_epoch, start_step, history = _restore(run, state)
+    carried = [float(v) for v in state.get("epoch_sums", (0, 0, 0, 0))] if state else [0.0] * 4
     if callbacks.on_start:
         callbacks.on_start(config.epochs, run.steps_per_epoch, start_epoch, config.batch_size)
 
@@ -158,8 +159,10 @@ def train(
             return bool(all_reduce_max(int(wanted)))  # Ctrl-C reaches ranks at different steps: stop together
 
         for epoch in range(start_epoch, config.epochs):
-            first = start_step if epoch == start_epoch else 0
-            stats, steps_done = _run_epoch(run, epoch, first, steps_done, history, stop=stop, on_step=callbacks.on_step)
+            first, sums = (start_step, carried) if epoch == start_epoch else (0, [0.0] * 4)
+            stats, steps_done = _run_epoch(
+                run, epoch, first, steps_done, history, sums, stop=stop, on_step=callbacks.on_step
+            )
             history.append(stats)
             _end_epoch(run, epoch, history)
             if callbacks.on_epoch:
@@ -296,11 +299,15 @@ def _run_epoch(
     first: int,
     steps_done: int,
     history: list[EpochStats],
+    carried: list[float],
     *,
     stop: Callable[[int], bool],
     on_step: Callable[[int, int, float], None] | None,
 ) -> tuple[EpochStats, int]:
     """Steps ``first`` to the end of ``epoch``, then the held-out accuracy; the epoch's stats and the steps done.
+
+    ``carried`` holds the epoch's sums over steps before ``first`` from an interrupted run (loss, correct, seen,
+    seconds; all ranks' together), so that a resumed epoch's row in ``metrics.csv`` is the uninterrupted one's.
 
     Raises:
         Interrupted: ``stop`` said so before a step; ``resume.pt`` then points at that step.
@@ -309,13 +316,18 @@ def _run_epoch(
 
     config = run.config
     run.model.train()
-    epoch_started = time.perf_counter()
+    epoch_started = time.perf_counter() - carried[3]
     n = len(run.train_set.labels)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(_step_seed(config.seed, epoch, -1)))
-    loss_sum, correct, seen = 0.0, 0, 0  # this rank's part; added across ranks at the end of the epoch
+    # This rank's part, added across ranks at the end of the epoch: the carried global sums count once, on rank 0.
+    loss_sum, correct, seen = carried[:3] if run.rank == 0 else (0.0, 0, 0)
     for step in range(first, run.steps_per_epoch):
         if stop(steps_done):
-            _save_resume(run.out, run.model, run.optimizer, run.scaler, config, epoch, step, history, run.world_size)
+            sums = _global_sums([loss_sum, correct, seen], run.world_size)
+            _save_resume(
+                run.out, run.model, run.optimizer, run.scaler, config, epoch, step, history, run.world_size,
+                epoch_sums=[*sums, time.perf_counter() - epoch_started],
+            )  # fmt: skip
             raise Interrupted(
                 f"interrupted at epoch {epoch + 1} step {step}; resume with: vitlens train --resume {run.out}"
             )
@@ -329,14 +341,7 @@ def _run_epoch(
             on_step(epoch, step, part_loss / max(1, len(y)))
     test = run.test_part
     test_correct = _count_correct(run.model, run.test_set.images[test], run.test_set.labels[test], batch_size=256)
-    if run.world_size > 1:
-        import numpy as np
-
-        from vitlens.distributed import all_reduce_sum
-
-        loss_sum, correct, seen, test_correct = all_reduce_sum(
-            np.array([loss_sum, correct, seen, test_correct], dtype=np.float64)
-        ).tolist()
+    loss_sum, correct, seen, test_correct = _global_sums([loss_sum, correct, seen, test_correct], run.world_size)
     test_acc = test_correct / max(1, len(run.test_set.labels))
     seconds = time.perf_counter() - epoch_started
     stats = EpochStats(
@@ -349,6 +354,17 @@ def _run_epoch(
         images_per_s=seen / max(seconds, 1e-9),
     )
     return stats, steps_done
+
+
+def _global_sums(values: list[float], world_size: int) -> list[float]:
+    """``values`` added over the ranks (float64), or as they are in one process."""
+    if world_size == 1:
+        return [float(v) for v in values]
+    import numpy as np
+
+    from vitlens.distributed import all_reduce_sum
+
+    return all_reduce_sum(np.array(values, dtype=np.float64)).tolist()
 
 
 def _train_step(
