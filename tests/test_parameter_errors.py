@@ -213,6 +213,22 @@ LIBRARY: list[tuple[str, str, Callable[[Path], object]]] = [
         "sections: unknown section nope; choose from info, filters",
         lambda t: _mod("vitlens.report", "build_report")(_vit(), sections=["nope"], out=t / "r"),
     ),
+    (
+        "images",
+        "images: no such file or folder: ",
+        lambda t: _mod("vitlens.report", "build_report")(_vit(), images=[str(t / "no-such.png")], out=t / "r"),
+    ),
+    # a spec given under another argument's name: the error names that argument (errors.spec_named)
+    (
+        "images",
+        "images 'no-such-thing' is neither a known dataset (digits, ",
+        lambda t: _mod("vitlens", "tokens")(_vit(), _digits(), images="no-such-thing"),
+    ),
+    (
+        "test_data",
+        "test_data 'no-such-thing' is neither a known dataset (digits, ",
+        lambda t: _mod("vitlens", "fewshot")(_vit(), "digits", test_data="no-such-thing"),
+    ),
 ]
 
 
@@ -275,6 +291,18 @@ CLI = [
         ["attention-distance", "--data", "{tmp}/no-such-thing", "--out", "{tmp}/o"],
         "--data '{tmp}/no-such-thing' is neither a known dataset (digits, ",
     ),
+    (
+        ["tokens", "demo", "--images", "{tmp}/no-such-thing", "--out", "{tmp}/o"],
+        "--images '{tmp}/no-such-thing' is neither a known dataset (digits, ",
+    ),
+    (
+        ["fewshot", "demo", "--test-data", "{tmp}/no-such-thing", "--no-cache", "--out", "{tmp}/o"],
+        "--test-data '{tmp}/no-such-thing' is neither a known dataset (digits, ",
+    ),
+    (
+        ["report", "demo", "--images", "{tmp}/no.png", "--out", "{tmp}/o"],
+        "--images: no such file or folder: {tmp}/no.png",
+    ),
 ]
 
 
@@ -288,3 +316,4 @@ def test_cli_error_names_the_flag(tmp_path, args, needle):
 
     result = runner.invoke(app, [*(filled(a) for a in args), "--device", "cpu"])
     assert_one_line_error(result, 2, "error: " + filled(needle))
+    assert not (tmp_path / "o").exists()  # nothing written, not even the output folder

@@ -6,6 +6,9 @@ and keeps its traceback (shown with ``--debug``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class VitlensError(Exception):
     """Something the user can fix: a bad path, an unsupported checkpoint, too few images.
@@ -28,6 +31,18 @@ class ParameterError(VitlensError, ValueError):
     def __init__(self, param: str, message: str) -> None:
         super().__init__(message)
         self.param = param
+
+
+@contextmanager
+def spec_named(param: str) -> Iterator[None]:
+    """Within the block, an error about a data spec names the argument the spec came from (``test_data``,
+    ``images``) instead of ``open_dataset``'s own ``spec``, so that the CLI names the flag the user typed."""
+    try:
+        yield
+    except ParameterError as e:
+        if e.param != "spec":
+            raise
+        raise ParameterError(param, str(e).replace("spec", param, 1)) from None
 
 
 class NotApplicable(VitlensError):

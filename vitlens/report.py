@@ -178,12 +178,15 @@ def build_report(
         on_section: called as ``on_section(name, done, total)`` before each section, and ``("", total, total)`` last.
 
     Raises:
-        ParameterError: an unknown section name.
+        ParameterError: an unknown section name, or ``images`` naming a file or folder that does not exist.
         VitlensError: the output folder cannot be written.
     """
     from vitlens.io import ensure_out_dir, write_json, write_text
 
     chosen = parse_sections(sections)
+    missing = [str(i) for i in images or () if not Path(i).expanduser().exists()]
+    if missing:  # a typo is the caller's error: say so before any section runs or anything is written
+        raise ParameterError("images", f"images: no such file or folder: {', '.join(missing)}")
     started = time.perf_counter()
     out = ensure_out_dir(out)
     run = _Run(

@@ -95,7 +95,7 @@ PARAMETER_FLAGS = {
     "layers": "--layer",
     "layers_b": "--layer-b",
     "per_head_layer": "--layer",
-    "spec": "--data",  # open_dataset's spec: --data, and --test-data / the images of rollout, which pass it on
+    "spec": "--data",  # open_dataset's spec; other arguments holding a spec rename it (errors.spec_named)
     "class_": "--class",  # explain: `class` is a Python keyword
     "checkpoints": "CHECKPOINTS",  # compare: the positional argument
 }

@@ -27,7 +27,7 @@ from vitlens.cli.options import (
     with_model_options,
 )
 from vitlens.device import resolve_batch_size
-from vitlens.errors import UsageError
+from vitlens.errors import UsageError, spec_named
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -219,7 +219,8 @@ def fewshot(
     if test_data is None:
         test = open_dataset(data, vit.preprocess, split="test", **common)
     else:
-        test = open_dataset(test_data, vit.preprocess, split="all", **common)
+        with spec_named("test_data"):
+            test = open_dataset(test_data, vit.preprocess, split="all", **common)
     with progress_bar("features", enabled=not quiet) as progress:
         result = compute(
             vit,

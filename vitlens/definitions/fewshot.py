@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from vitlens import defaults
-from vitlens.errors import NotApplicable, ParameterError, VitlensError
+from vitlens.errors import NotApplicable, ParameterError, VitlensError, spec_named
 from vitlens.registry import Definition, register
 from vitlens.result import Result
 
@@ -460,8 +460,9 @@ def _pool_and_test(
     """The pool the shots are drawn from and the images scored, opened from specs where given as such."""
     from vitlens.data import ImageDataset, open_dataset
 
-    def open_split(spec: Any, split: str) -> ImageDataset:
-        return open_dataset(spec, vit.preprocess, split=split, num_images=num_images, require_labels=True)  # type: ignore[arg-type]
+    def open_split(spec: Any, split: str, param: str = "data") -> ImageDataset:
+        with spec_named(param):
+            return open_dataset(spec, vit.preprocess, split=split, num_images=num_images, require_labels=True)  # type: ignore[arg-type]
 
     if num_images is not None and isinstance(data, ImageDataset) and not isinstance(test_data, str | os.PathLike):
         raise ParameterError(
@@ -489,7 +490,10 @@ def _pool_and_test(
     if test_data is None:
         test = open_split(data, "test")
     else:
-        test = _labelled(test_data) if isinstance(test_data, ImageDataset) else open_split(test_data, "all")
+        if isinstance(test_data, ImageDataset):
+            test = _labelled(test_data)
+        else:
+            test = open_split(test_data, "all", "test_data")
         if list(test.classes or []) != list(pool.classes or []):
             raise VitlensError(
                 f"the test data {test.spec} has classes {_brief(test.classes)} but {pool.spec} has "

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vitlens import defaults
-from vitlens.errors import ParameterError, VitlensError
+from vitlens.errors import ParameterError, VitlensError, spec_named
 from vitlens.registry import Definition, register
 from vitlens.result import Result, check_image_index, int_pair
 
@@ -267,7 +267,17 @@ def open_images(
     A folder (or a list holding one folder) gives every image in it, with no train/test hold-out; image files give
     themselves; any other string is a data spec (``digits``, ``cifar10``, ...), of which ``split`` is taken, a
     stratified subset of ``num_images`` images (default :data:`~vitlens.defaults.ROLLOUT_DATA_IMAGES`).
+
+    Raises:
+        ParameterError: ``images`` names nothing that exists (the error names ``images``, not the data spec).
     """
+    with spec_named("images"):
+        return _open_images(vit, images, split=split, num_images=num_images)
+
+
+def _open_images(
+    vit: ViT, images: str | os.PathLike | Sequence[str | os.PathLike], *, split: str, num_images: int | None
+) -> ImageDataset:
     from vitlens.data import IMAGE_EXTENSIONS, open_dataset
 
     if isinstance(images, str | os.PathLike):
