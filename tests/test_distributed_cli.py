@@ -1,0 +1,73 @@
+"""Every dataset-wide command through the command line under ``torchrun`` (2 ranks, gloo, CPU): the one JSON
+summary printed is the single process's, and the folder holds the single process's files.
+
+``tests/test_distributed.py`` and ``tests/test_distributed_more.py`` prove the numbers through the Python API
+(sharding really happened, only rank 0 wrote); this module proves the command line's part: each command joins the
+job (``torchrun_job``), rank 1 stays silent, and nothing differs from ``vitlens CMD`` in one process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_distributed import _assert_close_tree, _free_port
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("vitlens") is None, reason="the vitlens console script is not installed"),
+]
+
+NUM_IMAGES = "11"  # divisible by neither 2 nor 3
+DIGITS = ["--data", "digits", "--num-images", NUM_IMAGES, "--batch-size", "4"]
+COMMANDS = {
+    "rollout": ["rollout", "demo", *DIGITS],
+    "tokens": ["tokens", "demo", *DIGITS, "--images", "digits"],
+    "features": ["features", "demo", *DIGITS],
+    "cka": ["cka", "demo", *DIGITS, "--minibatch-size", "4"],  # minibatches 4 + 4 (+ 3 dropped): one per rank
+    "explain-faithfulness": ["explain", "demo", "--faithfulness", *DIGITS[:2], "--num-images", "5", "--steps", "4"],
+    "fewshot": ["fewshot", "demo", "--data", "digits", "--num-images", "30", "--shots", "2", "--seeds", "2"],
+}
+
+
+def _run(args: list[str], out: Path, ranks: int) -> tuple[dict, list[str]]:
+    """``vitlens ARGS --json`` in one process or under torchrun; the one JSON object printed and the files written."""
+    vitlens = shutil.which("vitlens")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
+              str(_free_port()), vitlens] if ranks > 1 else [vitlens]  # fmt: skip
+    cmd = [*launch, *args, "--device", "cpu", "--out", str(out / "run"), "--json"]
+    if args[0] == "fewshot":
+        cmd += ["--cache-dir", str(out / "cache")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VITLENS_DIST_TIMEOUT": "60"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(printed) == 1, done.stdout[-3000:]  # rank 1 printed nothing
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    return printed[0], files
+
+
+def _comparable(tree):
+    """The summary without wall times, and with file paths reduced to their names (each run has its folder)."""
+    if isinstance(tree, dict):
+        return {k: _comparable(v) for k, v in tree.items() if not k.endswith(("seconds", "_per_s"))}
+    if isinstance(tree, list):
+        return [_comparable(v) for v in tree]
+    if isinstance(tree, str) and os.sep in tree:
+        return Path(tree).name
+    return tree
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_cli_command_under_torchrun_gives_the_single_process_summary(command, tmp_path):
+    args = COMMANDS[command]
+    single, single_files = _run(args, tmp_path / "single", 1)
+    ranks, ranks_files = _run(args, tmp_path / "ranks", 2)
+    assert ranks_files == single_files
+    _assert_close_tree(_comparable(ranks), _comparable(single), command)
