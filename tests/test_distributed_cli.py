@@ -33,6 +33,22 @@ COMMANDS = {
     "cka": ["cka", "demo", *DIGITS, "--minibatch-size", "4"],  # minibatches 4 + 4 (+ 3 dropped): one per rank
     "explain-faithfulness": ["explain", "demo", "--faithfulness", *DIGITS[:2], "--num-images", "5", "--steps", "4"],
     "fewshot": ["fewshot", "demo", "--data", "digits", "--num-images", "30", "--shots", "2", "--seeds", "2"],
+    "report": ["report", "demo", *DIGITS, "--rollout-images", "3", "--shots", "2", "--seeds", "1"],
+    "compare": [
+        "compare",
+        "{run}",
+        "--analyses",
+        "attention-distance,fewshot,cka,pos-sim",
+        *DIGITS[2:4],
+        "--minibatch-size",
+        "4",
+        "--fewshot-num-images",
+        "23",
+        "--shots",
+        "1",
+        "--seeds",
+        "1",
+    ],
 }
 
 
@@ -67,6 +83,10 @@ def _comparable(tree):
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_cli_command_under_torchrun_gives_the_single_process_summary(command, tmp_path):
     args = COMMANDS[command]
+    if "{run}" in args:  # compare: a training run's folder with a checkpoint of epoch 1 and the final weights
+        from tests.test_compare import make_run
+
+        args = [str(make_run(tmp_path / "run", (1,), final=2)) if a == "{run}" else a for a in args]
     single, single_files = _run(args, tmp_path / "single", 1)
     ranks, ranks_files = _run(args, tmp_path / "ranks", 2)
     assert ranks_files == single_files
