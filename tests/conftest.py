@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import logging
+import signal
 
 import pytest
 import torch
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
+
+# A shell without job control starts background jobs (`pytest &`) with Ctrl-C ignored, and Python then keeps it
+# ignored, in itself and in every child it starts: the Ctrl-C tests would see nothing. Restore Python's own.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # name -> (class, kwargs). Widths of 48 with 3 heads (head dim 16) keep every test fast.
 _BASE = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5)
