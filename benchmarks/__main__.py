@@ -22,12 +22,15 @@ import platform
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from vitlens.page import markdown_table
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -320,60 +323,56 @@ def markdown(report: dict[str, Any]) -> str:
     for model, mr in res["models"].items():
         ips = mr["speed"]["images_per_s"]
         plain, unfused = ips["plain-forward"], ips["unfused-forward"]
-        lines += [
-            f"## {model}",
-            "",
-            "| method | images/s | × plain | × unfused | peak memory (MiB) |",
-            "|---|---:|---:|---:|---:|",
-        ]
+        speed = []
         for name, v in ips.items():
             if "@" in name:
                 continue
             mem = mr["memory"].get(name)
             cell = f"{_growth(mem):.0f}" if mem else "–"
-            lines.append(f"| {name} | {v:.2f} | {v / plain:.2f} | {v / unfused:.2f} | {cell} |")
+            speed.append([name, f"{v:.2f}", f"{v / plain:.2f}", f"{v / unfused:.2f}", cell])
+        lines += [
+            f"## {model}",
+            "",
+            markdown_table(
+                ["method", "images/s", "× plain", "× unfused", "peak memory (MiB)"], speed, align=[None, *["right"] * 4]
+            ),
+        ]
         others = sorted({int(n.partition("@")[2]) for n in ips if "@" in n})
         if others:
             bs = [s["batch_size"], *others]
-            lines += [
-                "",
-                "Batch size (images/s and peak memory in MiB; the analyses' rows are the batch they were asked for):",
-                "",
-                "| method | "
-                + " | ".join(f"images/s @{b}" for b in bs)
-                + " | "
-                + " | ".join(f"memory @{b}" for b in bs)
-                + " |",
-                "|---|" + "---:|" * (2 * len(bs)),
-            ]
+            batch = []
             for name in BATCH_METHODS:
                 keys = [name, *(f"{name}@{b}" for b in others)]
                 speeds = [f"{ips[k]:.2f}" for k in keys]
                 mems = [f"{_growth(mr['memory'][k]):.0f}" if k in mr["memory"] else "–" for k in keys]
-                lines.append(f"| {name} | " + " | ".join(speeds + mems) + " |")
+                batch.append([name, *speeds, *mems])
+            lines += [
+                "",
+                "Batch size (images/s and peak memory in MiB; the analyses' rows are the batch they were asked for):",
+                "",
+                markdown_table(
+                    ["method", *(f"images/s @{b}" for b in bs), *(f"memory @{b}" for b in bs)],
+                    batch,
+                    align=[None, *["right"] * (2 * len(bs))],
+                ),
+            ]
         if mr["scaling"]:
+            scaling = [
+                [r["img_size"], r["num_tokens"], r["num_images"], f"{r['images_per_s']:.2f}", f"{_growth(r):.0f}"]
+                for r in mr["scaling"]
+            ]
             lines += [
                 "",
                 "attention-distance, scaling:",
                 "",
-                "| px | tokens | images | images/s | peak memory (MiB) |",
-                "|---:|---:|---:|---:|---:|",
+                markdown_table(
+                    ["px", "tokens", "images", "images/s", "peak memory (MiB)"], scaling, align=["right"] * 5
+                ),
             ]
-            for r in mr["scaling"]:
-                lines.append(
-                    f"| {r['img_size']} | {r['num_tokens']} | {r['num_images']} | {r['images_per_s']:.2f} | "
-                    f"{_growth(r):.0f} |"
-                )
         lines.append("")
     hires = res["hires"]
     any_r = next(iter(hires.values()))
-    lines += [
-        f"## High resolution: {any_r['model']} at {any_r['img_size']} px ({any_r['num_tokens']} tokens), "
-        f"{any_r['num_images']} images, batch {any_r['batch_size']}",
-        "",
-        "| method | images/s | peak memory (MiB) | note |",
-        "|---|---:|---:|---|",
-    ]
+    high = []
     for name, r in hires.items():
         note = (
             ""
@@ -387,9 +386,18 @@ def markdown(report: dict[str, Any]) -> str:
             )
         elif name == "keep-every-map":
             note = f"the maps alone of 128 images would take {_maps_gib(r, 128):.0f} GiB"
-        lines.append(f"| {name} | {r['images_per_s']:.2f} | {_growth(r):.0f} | {note} |")
+        high.append([name, f"{r['images_per_s']:.2f}", f"{_growth(r):.0f}", note])
     st, fs = res["startup"], res["fewshot"]
+    acc = fs["accuracy"]
+    fewshot = [
+        [k, *(f"{100 * a[i]['mean']:.1f} ± {100 * a[i]['std']:.1f}" for a in acc.values())]
+        for i, k in enumerate(fs["shots"])
+    ]
     lines += [
+        f"## High resolution: {any_r['model']} at {any_r['img_size']} px ({any_r['num_tokens']} tokens), "
+        f"{any_r['num_images']} images, batch {any_r['batch_size']}",
+        "",
+        markdown_table(["method", "images/s", "peak memory (MiB)", "note"], high, align=[None, "right", "right", None]),
         "",
         "## Few-shot and start-up",
         "",
@@ -399,23 +407,19 @@ def markdown(report: dict[str, Any]) -> str:
         f"`--l2 auto` {1000 * fs['auto_s']:.1f} ms; scikit-learn LogisticRegression on the same shots "
         f"{1000 * fs['logreg_s']:.1f} ms ({fs['logreg_s'] / fs['ridge_s']:.0f}× the ridge sweep).",
         "",
-        "  | shots | ridge λ=1024 | ridge auto λ | logistic (C=1) |",
-        "  |---:|---:|---:|---:|",
-    ]
-    acc = fs["accuracy"]
-    for i, k in enumerate(fs["shots"]):
-        cells = [f"{100 * a[i]['mean']:.1f} ± {100 * a[i]['std']:.1f}" for a in acc.values()]
-        lines.append(f"  | {k} | " + " | ".join(cells) + " |")
-    lines += [
+        # Indented: the table belongs to the list item above it.
+        textwrap.indent(
+            markdown_table(["shots", "ridge λ=1024", "ridge auto λ", "logistic (C=1)"], fewshot, align=["right"] * 4),
+            "  ",
+        ),
         "",
         f"- `vitlens --help`: {st['help_s']:.3f} s (best of 5); `python -c 'import vitlens.analysis'`: "
         f"{st['import_analysis_s']:.3f} s; bare `python -c pass`: {st['python_startup_s']:.3f} s.",
         "",
         "## Issue-8 targets",
         "",
-        "| target | " + " | ".join(report["ratios"]) + " |",
-        "|---|" + "---:|" * len(report["ratios"]),
     ]
+    targets = []
     for key, text, ok in TARGETS:
         cells = []
         for r in report["ratios"].values():
@@ -426,7 +430,9 @@ def markdown(report: dict[str, Any]) -> str:
             if key == "memory_growth_in_images":
                 verdict = " ✅" if r[key] <= 1.25 else " ❌"
             cells.append(f"{r[key]:.2f}{verdict}")
-        lines.append(f"| {text} | " + " | ".join(cells) + " |")
+        targets.append([text, *cells])
+    ratio_align = [None, *["right"] * len(report["ratios"])]
+    lines.append(markdown_table(["target", *report["ratios"]], targets, align=ratio_align))
     extra = [
         ("unfused_vs_plain", "timm's explicit attention path (the floor of any map capture) × plain"),
         ("attention_distance_vs_plain_per_round", "attention-distance × plain, median of the per-round ratios"),
@@ -450,12 +456,10 @@ def markdown(report: dict[str, Any]) -> str:
             (f"memory_vs_plain@{b}", f"at batch {b}: attention-distance memory × plain"),
             (f"rollout_memory_vs_plain@{b}", f"at batch {b}: rollout memory × plain"),
         ]
-    lines += ["", "Context:", "", "| quantity | " + " | ".join(report["ratios"]) + " |"]
-    lines.append("|---|" + "---:|" * len(report["ratios"]))
-    for key, text in extra:
-        cells = [f"{r[key]:.2f}" if key in r else "–" for r in report["ratios"].values()]
-        lines.append(f"| {text} | " + " | ".join(cells) + " |")
-    lines.append("")
+    context = [
+        [text, *(f"{r[key]:.2f}" if key in r else "–" for r in report["ratios"].values())] for key, text in extra
+    ]
+    lines += ["", "Context:", "", markdown_table(["quantity", *report["ratios"]], context, align=ratio_align), ""]
     return "\n".join(lines)
 
 

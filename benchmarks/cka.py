@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from benchmarks.__main__ import RESULTS, machine, run_case
+from vitlens.page import markdown_table
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,12 +68,20 @@ def main(argv: list[str] | None = None) -> None:
         f"# cka: {args.model} with itself at {args.img_size} px, {args.device}, batch {args.batch_size}, "
         f"minibatch {args.minibatch_size}",
         "",
-        "| method | tokens | images | images/s | × plain forward | peak memory growth (MiB) |",
-        "|---|---|---:|---:|---:|---:|",
-        *(
-            f"| {r['method']} | {r['tokens']} | {r['images']} | {r['images_per_s']:.2f} | {r['vs_plain']:.2f} | "
-            f"{r['rss_growth_mib']:.0f} |"
-            for r in report["rows"]
+        markdown_table(
+            ["method", "tokens", "images", "images/s", "× plain forward", "peak memory growth (MiB)"],
+            [
+                [
+                    r["method"],
+                    r["tokens"],
+                    r["images"],
+                    f"{r['images_per_s']:.2f}",
+                    f"{r['vs_plain']:.2f}",
+                    f"{r['rss_growth_mib']:.0f}",
+                ]
+                for r in report["rows"]
+            ],
+            align=[None, None, "right", "right", "right", "right"],
         ),
         "",
     ]

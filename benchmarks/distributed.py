@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.__main__ import RESULTS, machine
+from vitlens.page import markdown_table
 
 COMPARED = ("distance_px", "std_px", "prefix_mass")  # the attention-distance JSON's arrays, [layers, heads] each
 CHECKED = ("distance_px", "prefix_mass")  # the means over images, held to --tolerance (module docstring)
@@ -186,6 +187,28 @@ def markdown(report: dict[str, Any]) -> str:
     """The tables of ``report`` (what :func:`main` writes to ``distributed.md``)."""
     m, s = report["machine"], report["settings"]
     load = ", ".join(f"{x:.1f}" for x in m["load_average"])
+    scaling = [
+        [
+            f"{r['processes']} × {r['threads']}",
+            f"{r['steady_images_per_s']:.2f}",
+            f"{r['speedup']:.2f}",
+            f"{r['efficiency']:.2f}",
+            f"{r['startup_s']:.1f}",
+            f"{r['end_to_end_images_per_s']:.2f}",
+            f"{r['end_to_end_speedup']:.2f}",
+        ]
+        for r in report["scaling"].values()
+    ]
+    base = next(iter(report["scaling"]))
+    differences = [
+        [
+            name.replace("x", " × "),
+            *(f"{d[key]['max_abs']:.1e} / {d[key]['max_rel']:.1e}" for key in COMPARED),
+            "yes" if d["num_images_equal"] else "no",
+        ]
+        for name, d in report["differences"].items()
+        if name != base
+    ]
     lines = [
         f"# distributed: `vitlens attention-distance` {s['model']} at {s['img_size']} px, CPU, {m['when']}",
         "",
@@ -193,32 +216,31 @@ def markdown(report: dict[str, Any]) -> str:
         f"{m['timm']}. {s['num_images']} digits images (start-up from {s['startup_images']}), batch "
         f"{report['batch_size_ran']}, best of {s['rounds']} rounds. Total {report['total_s'] / 60:.1f} min.",
         "",
-        "| processes × threads | images/s (steady) | speed-up | efficiency (per core) | start-up (s) | "
-        "images/s (end to end) | speed-up (end to end) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in report["scaling"].values():
-        lines.append(
-            f"| {r['processes']} × {r['threads']} | {r['steady_images_per_s']:.2f} | {r['speedup']:.2f} | "
-            f"{r['efficiency']:.2f} | {r['startup_s']:.1f} | {r['end_to_end_images_per_s']:.2f} | "
-            f"{r['end_to_end_speedup']:.2f} |"
-        )
-    base = next(iter(report["scaling"]))
-    lines += [
+        markdown_table(
+            [
+                "processes × threads",
+                "images/s (steady)",
+                "speed-up",
+                "efficiency (per core)",
+                "start-up (s)",
+                "images/s (end to end)",
+                "speed-up (end to end)",
+            ],
+            scaling,
+            align=[None, *["right"] * 6],
+        ),
         "",
         f"Numbers against {base.replace('x', ' × ')} over {s['num_images']} images, largest absolute / relative "
         f"difference (multi-process runs: distance_px and prefix_mass within {s['tolerance']:g} relative): "
         f"{'equal' if report['equal'] else '**NOT EQUAL**'}.",
         "",
-        "| processes × threads | distance_px | std_px | prefix_mass | same image count |",
-        "|---|---:|---:|---:|---|",
+        markdown_table(
+            ["processes × threads", *COMPARED, "same image count"],
+            differences,
+            align=[None, *["right"] * len(COMPARED), None],
+        ),
+        "",
     ]
-    for name, d in report["differences"].items():
-        if name == base:
-            continue
-        cells = " | ".join(f"{d[key]['max_abs']:.1e} / {d[key]['max_rel']:.1e}" for key in COMPARED)
-        lines.append(f"| {name.replace('x', ' × ')} | {cells} | {'yes' if d['num_images_equal'] else 'no'} |")
-    lines.append("")
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from benchmarks.__main__ import RESULTS, machine, run_case
+from vitlens.page import markdown_table
 
 METHODS = ("plain-forward", "unfused-forward", "tokens", "tokens-norms-only")
 
@@ -62,18 +63,24 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"Speed ({args.speed_images} images, best of {args.rounds} interleaved rounds):",
         "",
-        "| method | images/s | × plain forward |",
-        "|---|---:|---:|",
-        *(f"| {m} | {ips[m]:.2f} | {ips[m] / ips['plain-forward']:.2f} |" for m in METHODS),
-        f"| `auto` (both passes) | – | {report['auto_vs_plain']:.2f} |",
+        markdown_table(
+            ["method", "images/s", "× plain forward"],
+            [
+                *([m, f"{ips[m]:.2f}", f"{ips[m] / ips['plain-forward']:.2f}"] for m in METHODS),
+                ["`auto` (both passes)", "–", f"{report['auto_vs_plain']:.2f}"],
+            ],
+            align=[None, "right", "right"],
+        ),
         "",
         "Peak memory (RSS high-water growth over the loaded model, one pass):",
         "",
-        "| method | images | MiB | images/s |",
-        "|---|---:|---:|---:|",
-        *(
-            f"| {m['method']} | {m['images']} | {m['rss_growth_mib']:.0f} | {m['images_per_s']:.2f} |"
-            for m in report["memory"]
+        markdown_table(
+            ["method", "images", "MiB", "images/s"],
+            [
+                [m["method"], m["images"], f"{m['rss_growth_mib']:.0f}", f"{m['images_per_s']:.2f}"]
+                for m in report["memory"]
+            ],
+            align=[None, "right", "right", "right"],
         ),
         "",
     ]

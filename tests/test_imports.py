@@ -48,6 +48,8 @@ INTERPRETERS: list[list[tuple[str, str, tuple[str, ...]]]] = [
         # The flat API is lazy: listing the analyses imports every definition, and still no torch.
         ("vitlens.analyses()", "import vitlens\nvitlens.analyses()", ("torch", *LIBRARY)),
         *_imports(_submodules("vitlens.definitions"), ("torch", *LIBRARY)),
+        # The pages' shared pieces are string building: a page renders from saved numbers without torch.
+        *_imports(["vitlens.page"], ("torch", *LIBRARY)),
         # The analyses are tensors in, dataclasses out: no timm either.
         *_imports(["vitlens.analysis"], ("timm", *LIBRARY)),
         # torchvision and scikit-learn load only when one of their datasets is opened.

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from vitlens import defaults
 from vitlens.errors import ParameterError, VitlensError
+from vitlens.page import PLAIN_CSS, html_table, markdown_cell, markdown_table, png_figure, versions
 from vitlens.result import finite
 
 if TYPE_CHECKING:
@@ -395,7 +396,7 @@ def compare(
         ],
         "numbers": _numbers(found, rows),
         "seconds": round(time.perf_counter() - started, 3),
-        "versions": _versions(),
+        "versions": versions(),
     }
     summary = finite(summary)
     files = _write_outputs(out, summary, rows, trends, figures)
@@ -696,12 +697,6 @@ def _numbers(checkpoints: Sequence[Checkpoint], rows: Sequence[Row]) -> dict[str
     return numbers
 
 
-def _versions() -> dict[str, str]:
-    from vitlens.report import versions
-
-    return versions()
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Files
 
@@ -740,34 +735,36 @@ def _wide(summary: dict[str, Any], analysis: str) -> tuple[list[str], list[list[
     return header, rows
 
 
+def _model_rows(summary: dict[str, Any]) -> list[list[str]]:
+    """The models table of both pages: name, epoch (empty outside a run), checkpoint, analyses computed now."""
+    return [
+        [m["name"], "" if m["epoch"] is None else str(m["epoch"]), m["checkpoint"], ", ".join(m["computed"])]
+        for m in summary["models"]
+    ]
+
+
 def render_html(summary: dict[str, Any], out: Path) -> str:
     """One self-contained page: the models, then each analysis's trend figure (PNG inlined) and its numbers."""
-    import base64
     import html
 
-    from vitlens.report import _CSS, _table_html
-
     esc = html.escape
-    models = [[m["name"], "" if m["epoch"] is None else str(m["epoch"]), m["checkpoint"], ", ".join(m["computed"])]
-              for m in summary["models"]]  # fmt: skip
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>vitlens compare: {len(summary['models'])} models</title><style>{_CSS}</style></head><body>",
+        f"<title>vitlens compare: {len(summary['models'])} models</title><style>{PLAIN_CSS}</style></head><body>",
         f"<h1>vitlens compare: {len(summary['models'])} models</h1>",
         f"<p>x axis: {esc(summary['x'])} &middot; data {esc(summary['data'])} &middot; {summary['seconds']:.1f} s</p>",
         "<h2>Models</h2>",
-        _table_html(models, ["model", "epoch", "checkpoint", "computed now (others cached)"]),
+        html_table(["model", "epoch", "checkpoint", "computed now (others cached)"], _model_rows(summary)),
     ]
     for analysis in summary["analyses"]:
         parts.append(f'<h2 id="{esc(analysis)}">{esc(analysis)}</h2>')
         png = out / f"compare_{analysis.replace('-', '_')}.png"
         if png.is_file():
-            data = base64.b64encode(png.read_bytes()).decode("ascii")
-            parts.append(f'<figure><img alt="{esc(png.name)}" src="data:image/png;base64,{data}"></figure>')
+            parts.append(png_figure(png.read_bytes(), png.name))
         header, rows = _wide(summary, analysis)
-        parts.append(_table_html(rows, header))
-    parts += ["<h2>Versions</h2>", _table_html([[k, str(v)] for k, v in summary["versions"].items()])]
+        parts.append(html_table(header, rows))
+    parts += ["<h2>Versions</h2>", html_table(None, [[k, str(v)] for k, v in summary["versions"].items()])]
     parts.append('<p><a href="compare.csv">compare.csv</a> &middot; <a href="summary.json">summary.json</a> &middot; '
                  '<a href="report.md">report.md</a></p>')  # fmt: skip
     parts.append("</body></html>")
@@ -776,23 +773,18 @@ def render_html(summary: dict[str, Any], out: Path) -> str:
 
 def render_markdown(summary: dict[str, Any]) -> str:
     """The comparison as Markdown, figures linked by relative path."""
-    from vitlens.report import _md
-
     lines = [
         f"# vitlens compare: {len(summary['models'])} models",
         "",
-        f"x axis: {summary['x']} · data `{_md(summary['data'])}` · {summary['seconds']:.1f} s",
+        f"x axis: {summary['x']} · data `{markdown_cell(summary['data'])}` · {summary['seconds']:.1f} s",
         "",
-        "| model | epoch | checkpoint | computed now |",
-        "|---|---:|---|---|",
+        markdown_table(
+            ["model", "epoch", "checkpoint", "computed now"], _model_rows(summary), align=[None, "right", None, None]
+        ),
     ]
-    for m in summary["models"]:
-        epoch = "" if m["epoch"] is None else m["epoch"]
-        lines.append(f"| {_md(m['name'])} | {epoch} | {_md(m['checkpoint'])} | {_md(', '.join(m['computed']))} |")
     for analysis in summary["analyses"]:
         header, rows = _wide(summary, analysis)
         lines += ["", f"## {analysis}", "", f"![{analysis}](compare_{analysis.replace('-', '_')}.png)", ""]
-        lines += ["| " + " | ".join(_md(h) for h in header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(_md(c) for c in row) + " |" for row in rows]
+        lines.append(markdown_table(header, rows))
     lines += ["", "versions: " + ", ".join(f"{k} {v}" for k, v in summary["versions"].items()), ""]
     return "\n".join(lines)

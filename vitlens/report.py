@@ -6,10 +6,8 @@ section is recorded and the others still run. Each section writes the files its 
 
 from __future__ import annotations
 
-import base64
 import html
 import json
-import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from vitlens import defaults
 from vitlens.errors import NotApplicable, ParameterError, VitlensError
+from vitlens.page import html_table, markdown_cell, markdown_table, png_figure, versions
 from vitlens.result import finite
 
 if TYPE_CHECKING:
@@ -327,21 +326,6 @@ def _analysis(name: str, run: _Run) -> SectionOutput:
 # Helpers
 
 
-def versions() -> dict[str, str]:
-    """Versions of vitlens, Python and the libraries whose behaviour the numbers depend on."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    import vitlens
-
-    found = {"vitlens": getattr(vitlens, "__version__", "?"), "python": platform.python_version()}
-    for package in ("torch", "timm", "numpy", "matplotlib"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            continue
-    return found
-
-
 def _describe(vit: ViT) -> dict[str, Any]:
     try:
         return finite(vit.describe())
@@ -365,19 +349,6 @@ def _short(value: Any) -> str:
 
 # --------------------------------------------------------------------------------------------------------------
 # Rendering: plain string templates, everything user-provided escaped
-
-_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:.5em 0 1em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
-th{background:#f4f4f4}.ok{color:#17702c}.failed{color:#b00020;font-weight:bold}.skipped{color:#777}
-img{max-width:100%;border:1px solid #eee;margin:.3em 0}code{background:#f4f4f4;padding:0 .2em}"""
-
-
-def _table_html(rows: Sequence[Sequence[str]], header: Sequence[str] | None = None, *, raw: bool = False) -> str:
-    """A table; cells are escaped unless ``raw`` (for cells built here from escaped parts)."""
-    cell = (lambda s: s) if raw else html.escape
-    head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" if header else ""
-    body = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table>{head}{body}</table>"
 
 
 def _cards(items: Sequence[tuple[str, str]]) -> str:
@@ -449,7 +420,7 @@ def render_html(summary: dict[str, Any], card: dict[str, Any], out: Path) -> str
         + (f" &middot; failed: {esc(', '.join(summary['failed']))}" if summary["failed"] else "")
         + "</p>",
         _cards(facts),
-        "<details><summary>model card</summary>" + _table_html(rest, ["fact", "value"]),
+        "<details><summary>model card</summary>" + html_table(["fact", "value"], rest),
     ]
     guessed = card.get("guessed") or {}
     if guessed:
@@ -459,7 +430,7 @@ def render_html(summary: dict[str, Any], card: dict[str, Any], out: Path) -> str
         f'<nav class="sections" aria-label="sections">{nav}</nav>',
         "<main>",
         '<section id="overview" class="sec"><h2>Sections</h2>',
-        _table_html(overview, ["section", "status", "seconds", "key number / error"], raw=True),
+        html_table(["section", "status", "seconds", "key number / error"], overview, escape=False),
         "</section>",
     ]
     for name, s in sections.items():
@@ -477,8 +448,7 @@ def render_html(summary: dict[str, Any], card: dict[str, Any], out: Path) -> str
             parts.append(_attention_distance_live(out))
         for rel in s["files"]:
             if rel.endswith(".png") and (out / rel).is_file():
-                data = base64.b64encode((out / rel).read_bytes()).decode("ascii")
-                parts.append(f'<figure><img alt="{esc(rel)}" src="data:image/png;base64,{data}"></figure>')
+                parts.append(png_figure((out / rel).read_bytes(), rel))
         links = [f'<a href="{esc(rel)}">{esc(rel)}</a>' for rel in s["files"] if (out / rel).is_file()]
         parts.append('<p class="note">files: ' + ", ".join(links) + "</p></section>")
     if has_explorer:
@@ -489,39 +459,37 @@ def render_html(summary: dict[str, Any], card: dict[str, Any], out: Path) -> str
             f"</h2><p>{esc(explorer.get('error') or '')}</p></section>"
         )
     versions_row = [[k, str(v)] for k, v in summary["versions"].items()]
-    parts += ['<section id="versions" class="sec"><h2>Versions</h2>', _table_html(versions_row, ["package", "version"])]
+    parts += ['<section id="versions" class="sec"><h2>Versions</h2>', html_table(["package", "version"], versions_row)]
     parts += ['<p><a href="summary.json">summary.json</a> &middot; <a href="report.md">report.md</a></p></section>']
     parts.append(f"</main><script>{asset('explorer.js')}</script></body></html>")
     return "\n".join(parts) + "\n"
 
 
-def _md(text: Any) -> str:
-    """A Markdown table cell: pipes escaped, one line."""
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
 def render_markdown(summary: dict[str, Any], card: dict[str, Any]) -> str:
     """The report as Markdown, figures linked by relative path (fit for a CI job summary)."""
-    lines = [
-        f"# vitlens report: `{_md(summary['source'])}`",
-        "",
-        f"**status: {summary['status']}** · {summary['seconds']:.1f} s on {_md(summary['device'])} "
-        f"· data `{_md(summary['data'])}`",
-        "",
-        "| section | status | seconds | key number / error |",
-        "|---|---|---:|---|",
+    overview = [
+        [name, s["status"], f"{s['seconds']:.2f}", s["key"] if s["status"] == "ok" else (s["error"] or "")]
+        for name, s in summary["sections"].items()
     ]
-    for name, s in summary["sections"].items():
-        detail = s["key"] if s["status"] == "ok" else (s["error"] or "")
-        lines.append(f"| {name} | {s['status']} | {s['seconds']:.2f} | {_md(detail)} |")
-    lines += ["", "## Model", "", "| fact | value |", "|---|---|"]
-    lines += [f"| {_md(k)} | {_md(_short(v))} |" for k, v in card.items() if k != "guessed"]
+    lines = [
+        f"# vitlens report: `{markdown_cell(summary['source'])}`",
+        "",
+        f"**status: {summary['status']}** · {summary['seconds']:.1f} s on {markdown_cell(summary['device'])} "
+        f"· data `{markdown_cell(summary['data'])}`",
+        "",
+        markdown_table(
+            ["section", "status", "seconds", "key number / error"], overview, align=[None, None, "right", None]
+        ),
+        "",
+        "## Model",
+        "",
+        markdown_table(["fact", "value"], [[k, _short(v)] for k, v in card.items() if k != "guessed"]),
+    ]
     for name, s in summary["sections"].items():
         if s["status"] != "ok":
             continue
         lines += ["", f"## {name}", "", s["key"], ""]
-        lines += ["| number | value |", "|---|---|"]
-        lines += [f"| {_md(k)} | {_md(_short(v))} |" for k, v in s["summary"].items()]
+        lines.append(markdown_table(["number", "value"], [[k, _short(v)] for k, v in s["summary"].items()]))
         pngs = [f for f in s["files"] if f.endswith(".png")]
         figures = [f for f in pngs if "/" not in f] or pngs  # rollout of one image has only rollout/<image>.png
         lines += [""] + [f"![{name}]({f})" for f in figures]
