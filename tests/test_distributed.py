@@ -256,6 +256,30 @@ def test_torchrun_env():
     assert (env.rank, env.world_size, env.local_rank, env.master_addr) == (3, 4, 1, "node7")
 
 
+def test_lost_peer_names_a_lost_connection_and_passes_a_ranks_own_error():
+    import torch.distributed as dist
+
+    from vitlens.distributed import RankFailed, lost_peer
+
+    gloo = "[../gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:4242"
+    with pytest.raises(RuntimeError, match="Connection closed"), lost_peer("the step"):
+        raise RuntimeError(gloo)  # no process group: nothing to translate
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        with pytest.raises(RankFailed) as info, lost_peer("the gradient all-reduce"):
+            raise RuntimeError(gloo)
+        assert str(info.value) == (
+            "rank 0: the gradient all-reduce failed; another rank failed first (see its error line): "
+            "Connection closed by peer [127.0.0.1]:4242"
+        )
+        with pytest.raises(RuntimeError, match="^CUDA out of memory"), lost_peer("the gradient all-reduce"):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")  # this rank's own
+        with pytest.raises(ValueError), lost_peer("the gradient all-reduce"):
+            raise ValueError("closed by peer")  # not a runtime or OS error: never a peer's
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.fixture(scope="module")
 def single_process():
     with _one_thread():

@@ -179,7 +179,11 @@ def _collective(what: str) -> Iterator[None]:
         ) from e
 
 
-_LOST_PEER = re.compile(r"closed by peer|reset by peer|broken pipe|communicator was aborted|timed out", re.I)
+# What gloo and NCCL say when the other end of a collective went away or never came (beyond torch's DistError).
+_LOST_PEER = re.compile(
+    r"closed by peer|reset by peer|broken pipe|communicator was aborted|remote process exited|timed out|timeout",
+    re.I,
+)
 
 
 @contextmanager
