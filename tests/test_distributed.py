@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from vitlens.distributed import shard_indices, torchrun_env
+from vitlens.errors import VitlensError
 
 NUM_IMAGES = 11  # divisible by neither 2 nor 3; CKA minibatches of 4: 4 + 4 + 3 (the last dropped)
 MINIBATCH = 4
@@ -217,6 +218,15 @@ def _failing_worker(rank: int, world: int, port: int, out: str) -> None:
         sys.exit(1)
 
 
+def _teardown_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Import timm inside the group (as every command does), leave it, and count gloo's worker threads left."""
+    with _in_group(rank, world, port):
+        import timm  # noqa: F401
+
+    names = [Path(task, "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()]
+    Path(out, f"threads{rank}.json").write_text(json.dumps(sorted(n for n in names if "gloo" in n)))
+
+
 def _spawn(target, world: int, out: Path, timeout: float = 90) -> tuple[list[int | None], float]:
     """Start ``world`` ranks (spawned, file-free TCP rendezvous on localhost); their exit codes and the wall time."""
     import torch.multiprocessing as mp
@@ -254,6 +264,29 @@ def test_torchrun_env():
     assert torchrun_env({}) is None and torchrun_env({"WORLD_SIZE": "1", "RANK": "0"}) is None
     env = torchrun_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "MASTER_ADDR": "node7"})
     assert (env.rank, env.world_size, env.local_rank, env.master_addr) == (3, 4, 1, "node7")
+
+
+def test_more_ranks_than_gpus_on_a_node_stop_before_the_rendezvous(monkeypatch):
+    """4 processes on a 2-GPU node: every rank of the node (rank 1 has a GPU) stops with the same line, before
+    anything waits for the others; the process group is never created."""
+    import torch
+    import torch.distributed as dist
+
+    from vitlens.distributed import distributed_context
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda index: pytest.fail("set_device reached"))
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("init_process_group reached"))
+    for name, value in dict(WORLD_SIZE="4", RANK="1", LOCAL_RANK="1", LOCAL_WORLD_SIZE="4").items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(VitlensError) as info, distributed_context(device="cuda"):
+        pass
+    assert str(info.value) == (
+        "rank 1: 4 processes on this node but 2 GPU(s): NCCL needs one GPU per process; start at most 2 "
+        "(torchrun --nproc-per-node 2), or run on the CPU with --device cpu"
+    )
 
 
 def test_lost_peer_names_a_lost_connection_and_passes_a_ranks_own_error():
@@ -309,6 +342,17 @@ def test_ranks_give_the_single_process_numbers(world, single_process, tmp_path):
         "attention_distance.png",
     ]
     assert not any((tmp_path / f"files{rank}").exists() for rank in range(1, world))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads through Linux's /proc")
+def test_leaving_the_group_stops_gloos_threads(tmp_path):
+    """A group kept alive past destroy_process_group (torch.distributed.fsdp binds the group as a default argument
+    when first imported inside one) leaves gloo's threads to race the interpreter's shutdown: SIGABRT after a
+    finished run. distributed_context imports it first; no gloo thread may survive the context."""
+    codes, _ = _spawn(_teardown_worker, 2, tmp_path, timeout=60)
+    assert codes == [0, 0]
+    assert [json.loads((tmp_path / f"threads{rank}.json").read_text()) for rank in range(2)] == [[], []]
 
 
 @pytest.mark.slow

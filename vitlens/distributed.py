@@ -136,10 +136,18 @@ def distributed_context(*, device: str = "auto") -> Iterator[TorchrunEnv | None]
     if dist.is_initialized():  # the user's group: theirs to tear down
         yield env
         return
+    # torch.distributed.fsdp's ShardedGradScaler has ``process_group=dist.group.WORLD`` as a default argument, bound
+    # when the module is first imported. Imported inside a group (timm's import brings it in), it keeps the group
+    # alive after destroy_process_group, and gloo's worker threads then race the interpreter's shutdown: seen as a
+    # SIGABRT ("terminate called without an active exception") after a finished run, in about one run of four on
+    # a loaded 2-core machine. Imported before the group exists, the default is None.
+    import torch.distributed.fsdp
+
     from vitlens.device import resolve_device
 
     use_nccl = resolve_device(device).type == "cuda" and dist.is_nccl_available()
     if use_nccl:
+        _check_one_gpu_per_rank(env, torch.cuda.device_count())
         torch.cuda.set_device(env.local_rank)
     dist.init_process_group(
         backend="nccl" if use_nccl else "gloo",
@@ -152,6 +160,21 @@ def distributed_context(*, device: str = "auto") -> Iterator[TorchrunEnv | None]
         _abort(dist)
         raise
     dist.destroy_process_group()
+
+
+def _check_one_gpu_per_rank(env: TorchrunEnv, gpus: int) -> None:
+    """NCCL needs a GPU of its own for every rank of a node. Every rank of the node checks the node's process count
+    (torchrun's ``LOCAL_WORLD_SIZE``), so they all stop with the same line instead of some waiting for the others
+    at the rendezvous."""
+    try:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or env.local_rank + 1
+    except ValueError:
+        local_world = env.local_rank + 1
+    if local_world > gpus:
+        raise VitlensError(
+            f"rank {env.rank}: {local_world} processes on this node but {gpus} GPU(s): NCCL needs one GPU per "
+            f"process; start at most {gpus} (torchrun --nproc-per-node {gpus}), or run on the CPU with --device cpu"
+        )
 
 
 def _abort(dist: Any) -> None:
