@@ -289,6 +289,29 @@ def test_more_ranks_than_gpus_on_a_node_stop_before_the_rendezvous(monkeypatch):
     )
 
 
+def test_each_rank_takes_its_own_gpu_and_refuses_another(monkeypatch):
+    """Local rank 1 of 2 on a 2-GPU node: auto and cuda give cuda:1, cuda:1 is accepted, cuda:0 (the same flag on
+    every rank would stack them on one GPU) is refused in one line."""
+    import torch
+
+    from vitlens.device import resolve_device
+    from vitlens.errors import UsageError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for name, value in dict(WORLD_SIZE="2", RANK="1", LOCAL_RANK="1").items():
+        monkeypatch.setenv(name, value)
+    assert [resolve_device(spec) for spec in ("auto", "cuda", "cuda:1")] == [torch.device("cuda", 1)] * 3
+    with pytest.raises(UsageError) as info:
+        resolve_device("cuda:0")
+    assert str(info.value) == (
+        "device 'cuda:0' under torchrun: each process uses its own GPU, cuda:LOCAL_RANK (here cuda:1); "
+        "pass --device cuda"
+    )
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: any GPU it names
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+
+
 def test_lost_peer_names_a_lost_connection_and_passes_a_ranks_own_error():
     import torch.distributed as dist
 

@@ -20,8 +20,12 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 def resolve_device(spec: str = "auto") -> torch.device:
     """Turn ``auto|cpu|cuda|cuda:N|mps`` into a ``torch.device`` that exists on this machine.
 
+    Under torchrun (more than one process), ``auto`` and ``cuda`` give each process ``cuda:LOCAL_RANK``, and an
+    explicit ``cuda:N`` must be that device.
+
     Raises:
-        UsageError: the spelling is not one of the above.
+        UsageError: the spelling is not one of the above, or a ``cuda:N`` under torchrun that is not this
+            process's own GPU.
         VitlensError: the device was asked for but this machine does not have it.
     """
     import torch
@@ -44,6 +48,13 @@ def resolve_device(spec: str = "auto") -> torch.device:
         index = int(spec.split(":")[1]) if ":" in spec else 0
         if index >= torch.cuda.device_count():
             raise VitlensError(f"device '{spec}' does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+        local = _torchrun_local_rank()
+        if local is not None and index != local % torch.cuda.device_count():
+            # The same cuda:N on every rank would put them all on one GPU (and NCCL refuses that).
+            raise UsageError(
+                f"device '{spec}' under torchrun: each process uses its own GPU, cuda:LOCAL_RANK "
+                f"(here cuda:{local % torch.cuda.device_count()}); pass --device cuda"
+            )
     if spec == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
         raise VitlensError("device 'mps' was requested but MPS is not available on this machine")
     return torch.device(spec)
