@@ -287,6 +287,11 @@ def test_more_ranks_than_gpus_on_a_node_stop_before_the_rendezvous(monkeypatch):
         "rank 1: 4 processes on this node but 2 GPU(s): NCCL needs one GPU per process; start at most 2 "
         "(torchrun --nproc-per-node 2), or run on the CPU with --device cpu"
     )
+    # Not torchrun (no LOCAL_WORLD_SIZE): the launcher may give each process its own visible GPU; nothing checked.
+    from vitlens.distributed import _check_one_gpu_per_rank
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert _check_one_gpu_per_rank(torchrun_env(), 1) is None
 
 
 def test_each_rank_takes_its_own_gpu_and_refuses_another(monkeypatch):

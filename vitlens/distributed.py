@@ -145,14 +145,15 @@ def distributed_context(*, device: str = "auto") -> Iterator[TorchrunEnv | None]
 
     from vitlens.device import resolve_device
 
-    use_nccl = resolve_device(device).type == "cuda" and dist.is_nccl_available()
+    chosen = resolve_device(device)  # under torchrun: cuda:LOCAL_RANK (modulo the GPUs this process sees)
+    use_nccl = chosen.type == "cuda" and dist.is_nccl_available()
     if use_nccl:
         _check_one_gpu_per_rank(env, torch.cuda.device_count())
-        torch.cuda.set_device(env.local_rank)
+        torch.cuda.set_device(chosen)
     dist.init_process_group(
         backend="nccl" if use_nccl else "gloo",
         timeout=datetime.timedelta(seconds=timeout_s()),
-        **({"device_id": torch.device("cuda", env.local_rank)} if use_nccl else {}),
+        **({"device_id": chosen} if use_nccl else {}),
     )
     try:
         yield env
@@ -163,13 +164,14 @@ def distributed_context(*, device: str = "auto") -> Iterator[TorchrunEnv | None]
 
 
 def _check_one_gpu_per_rank(env: TorchrunEnv, gpus: int) -> None:
-    """NCCL needs a GPU of its own for every rank of a node. Every rank of the node checks the node's process count
-    (torchrun's ``LOCAL_WORLD_SIZE``), so they all stop with the same line instead of some waiting for the others
-    at the rendezvous."""
+    """NCCL needs a GPU of its own for every rank of a node. torchrun starts a node's processes with the same
+    visible GPUs and says how many it started (``LOCAL_WORLD_SIZE``): every rank of the node checks that count, so
+    they all stop with the same line instead of some waiting for the others at the rendezvous. Without it (a
+    launcher that may give each process its own ``CUDA_VISIBLE_DEVICES``), nothing is checked here."""
     try:
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or env.local_rank + 1
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or 0)
     except ValueError:
-        local_world = env.local_rank + 1
+        local_world = 0
     if local_world > gpus:
         raise VitlensError(
             f"rank {env.rank}: {local_world} processes on this node but {gpus} GPU(s): NCCL needs one GPU per "
