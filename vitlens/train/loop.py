@@ -141,8 +141,7 @@ def train(
     config, state = _resumed_config(config, out) if resume else (config, None)
     _validate(config)
     run = _build_run(config, out)
-    start_epoch, start_step, history = _restore(run, state)
-    carried = [float(v) for v in state.get("epoch_sums", (0, 0, 0, 0))] if state else [0.0] * 4
+    start_epoch, start_step, history, carried = _restore(run, state)
     if callbacks.on_start:
         callbacks.on_start(config.epochs, run.steps_per_epoch, start_epoch, config.batch_size)
 
@@ -270,10 +269,11 @@ def _slice(indices) -> slice:
     return slice(int(indices[0]), int(indices[-1]) + 1) if len(indices) else slice(0, 0)
 
 
-def _restore(run: _Run, state: dict[str, Any] | None) -> tuple[int, int, list[EpochStats]]:
-    """Load a resume state into the run; the (epoch, step) to continue from and the history so far."""
+def _restore(run: _Run, state: dict[str, Any] | None) -> tuple[int, int, list[EpochStats], list[float]]:
+    """Load a resume state into the run; the (epoch, step) to continue from, the history so far, and the sums of
+    the interrupted epoch's steps before ``step`` (loss, correct, seen, seconds; zeros at an epoch's start)."""
     if state is None:
-        return 0, 0, []
+        return 0, 0, [], [0.0] * 4
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     if run.scaler is not None and "scaler" in state:
@@ -290,7 +290,8 @@ def _restore(run: _Run, state: dict[str, Any] | None) -> tuple[int, int, list[Ep
             run.world_size,
             saved_world,
         )
-    return start_epoch, start_step, history
+    carried = [float(v) for v in state.get("epoch_sums", (0, 0, 0, 0))]  # absent in files of older versions
+    return start_epoch, start_step, history, carried
 
 
 def _run_epoch(
