@@ -247,6 +247,22 @@ def _spawn(target, world: int, out: Path, timeout: float = 90) -> tuple[list[int
     return codes, elapsed
 
 
+def _vitlens_json(args: list[str], ranks: int) -> dict:
+    """``vitlens ARGS --device cpu --json`` in one process, or under torchrun with ``ranks`` processes of one thread
+    each; the one JSON object printed, after checking the exit code and that no other rank printed one."""
+    vitlens = shutil.which("vitlens")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
+              str(_free_port()), vitlens] if ranks > 1 else [vitlens]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "VITLENS_DIST_TIMEOUT": "45"}
+    done = subprocess.run(
+        [*launch, *args, "--device", "cpu", "--json"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(printed) == 1, done.stdout[-3000:]  # the other ranks are silent
+    return printed[0]
+
+
 @pytest.mark.parametrize("n", [0, 1, 5, 11, 12])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("block", [1, 4])
@@ -396,33 +412,10 @@ def test_a_failing_rank_ends_every_rank(tmp_path):
 @pytest.mark.skipif(shutil.which("vitlens") is None, reason="the vitlens console script is not installed")
 def test_cli_under_torchrun(tmp_path):
     out = tmp_path / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-port",
-        str(_free_port()),
-        shutil.which("vitlens"),
-        "attention-distance",
-        "demo",
-        "--device",
-        "cpu",
-        "--num-images",
-        str(NUM_IMAGES),
-        "--out",
-        str(out),
-        "--json",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "VITLENS_DIST_TIMEOUT": "45"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    printed = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert len(printed) == 1  # rank 1 is silent
-    assert printed[0]["num_images"] == NUM_IMAGES
+    printed = _vitlens_json(["attention-distance", "demo", "--num-images", str(NUM_IMAGES), "--out", str(out)], 2)
+    assert printed["num_images"] == NUM_IMAGES
     saved = json.loads((out / "attention_distance.json").read_text())
-    assert saved["distance_px"] == printed[0]["distance_px"]
+    assert saved["distance_px"] == printed["distance_px"]
 
 
 @pytest.fixture(scope="module")
@@ -590,18 +583,13 @@ def test_a_failing_rank_ends_ddp_training(train_folder, tmp_path):
 def test_cli_train_under_torchrun(train_folder, tmp_path):
     """`torchrun vitlens train`: one summary (rank 0's), the global image counts, rank 0's files."""
     out = tmp_path / "run"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-        shutil.which("vitlens"), "train", "--data", str(train_folder), "--img-size", "16", "--patch-size", "4",
-        "--embed-dim", "16", "--depth", "1", "--num-heads", "2", "--model-kwargs", '{"in_chans": 1}',
-        "--epochs", "2", "--batch-size", "10", "--device", "cpu", "--out", str(out), "--json",
+    args = [
+        "train", "--data", str(train_folder), "--img-size", "16", "--patch-size", "4", "--embed-dim", "16",
+        "--depth", "1", "--num-heads", "2", "--model-kwargs", '{"in_chans": 1}', "--epochs", "2", "--batch-size",
+        "10", "--out", str(out),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "VITLENS_DIST_TIMEOUT": "45"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    printed = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert len(printed) == 1  # rank 1 is silent
-    assert (printed[0]["num_train"], printed[0]["num_test"], printed[0]["epochs"]) == (36, 9, 2)
+    printed = _vitlens_json(args, 2)
+    assert (printed["num_train"], printed["num_test"], printed["epochs"]) == (36, 9, 2)
     assert len((out / "metrics.csv").read_text().splitlines()) == 3 and (out / "model.safetensors").is_file()
 
 

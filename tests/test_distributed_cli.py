@@ -8,16 +8,13 @@ job (``torchrun_job``), rank 1 stays silent, and nothing differs from ``vitlens 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.test_distributed import _assert_close_tree, _free_port
+from tests.test_distributed import _assert_close_tree, _vitlens_json
 
 pytestmark = [
     pytest.mark.slow,
@@ -53,20 +50,11 @@ COMMANDS = {
 
 
 def _run(args: list[str], out: Path, ranks: int) -> tuple[dict, list[str]]:
-    """``vitlens ARGS --json`` in one process or under torchrun; the one JSON object printed and the files written."""
-    vitlens = shutil.which("vitlens")
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
-              str(_free_port()), vitlens] if ranks > 1 else [vitlens]  # fmt: skip
-    cmd = [*launch, *args, "--device", "cpu", "--out", str(out / "run"), "--json"]
-    if args[0] == "fewshot":
-        cmd += ["--cache-dir", str(out / "cache")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "VITLENS_DIST_TIMEOUT": "60"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    printed = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert len(printed) == 1, done.stdout[-3000:]  # rank 1 printed nothing
-    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    return printed[0], files
+    """``vitlens ARGS`` into ``out`` in one process or under torchrun; the one JSON object printed and the files
+    written."""
+    extra = ["--cache-dir", str(out / "cache")] if args[0] == "fewshot" else []
+    printed = _vitlens_json([*args, "--out", str(out / "run"), *extra], ranks)
+    return printed, sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
 
 
 def _comparable(tree):
